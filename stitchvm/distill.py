@@ -1,0 +1,174 @@
+"""Stage 2: finetune the stitched model onto the frozen teacher (off-policy distillation, no rollouts).
+
+L = ||ẽ_s - ẽ_t||² + λ_tok · mean_tokens ||h_s - h_t||² / D  [+ λ_sc · SmoothL1(head(ẽ_s), head(ẽ_t))]
+with t drawn logit-normal and z_t = (1 - t) z0 + t ε; the teacher sees the clean image D(z0).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .config import TrainConfig
+from .flow import forward_noise, logit_normal
+from .reward import ClipReward
+from .value_model import StitchedValueModel
+
+
+@dataclass
+class TeacherTargets:
+    embeds: torch.Tensor  # (N, E) l2-normalised teacher image embeddings
+    tokens: torch.Tensor  # (N, 1+P, D) teacher outputs of r_{≥j} on the clean image
+    scores: torch.Tensor | None  # (N,) head scores for a scalar reward, else None
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def subset(self, idx: torch.Tensor) -> "TeacherTargets":
+        return TeacherTargets(self.embeds[idx], self.tokens[idx], None if self.scores is None else self.scores[idx])
+
+    def to(self, device) -> "TeacherTargets":
+        return TeacherTargets(self.embeds.to(device), self.tokens.to(device),
+                              None if self.scores is None else self.scores.to(device))
+
+
+@torch.no_grad()
+def teacher_targets(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, batch_size: int) -> TeacherTargets:
+    """The teacher on decoded clean latents; computed once, since it does not depend on t or ε."""
+    embeds, tokens = [], []
+    for start in range(0, len(z0), batch_size):
+        e, h = reward.image_features(backbone.decode(z0[start:start + batch_size].to(backbone.device)))
+        embeds.append(e.cpu())
+        tokens.append(h.cpu())
+    embeds = torch.cat(embeds)
+    scores = reward.head(embeds.to(reward.image_mean.device)).cpu() if reward.spec.kind == "aesthetic" else None
+    return TeacherTargets(embeds, torch.cat(tokens), scores)
+
+
+def distillation_loss(embeds: torch.Tensor, tokens: torch.Tensor, target: TeacherTargets, lambda_tok: float,
+                      score_fn: Callable | None = None, lambda_score: float = 0.0) -> dict[str, torch.Tensor]:
+    """The loss and its terms; `embeds` (B, E) normalised, `tokens` (B, 1+P, D)."""
+    emb = (embeds - target.embeds).pow(2).sum(-1).mean()
+    tok = (tokens - target.tokens).pow(2).mean()  # = mean over tokens of ||Δh||² / D
+    parts = {"embed": emb, "tokens": tok}
+    loss = emb + lambda_tok * tok
+    if score_fn is not None and target.scores is not None:
+        parts["score"] = F.smooth_l1_loss(score_fn(embeds), target.scores)
+        loss = loss + lambda_score * parts["score"]
+    parts["loss"] = loss
+    return parts
+
+
+def trivial_loss(target: TeacherTargets, lambda_tok: float, lambda_score: float = 0.0,
+                 score_fn: Callable | None = None) -> float:
+    """The floor to beat: predict the mean teacher embedding and mean tokens for every input."""
+    n = len(target)
+    emb = target.embeds.mean(0, keepdim=True).expand(n, -1)
+    tok = target.tokens.mean(0, keepdim=True).expand(n, -1, -1)
+    parts = distillation_loss(emb, tok, target, lambda_tok)
+    loss = parts["loss"]
+    if score_fn is not None and target.scores is not None:
+        const = target.scores.median().expand(n)  # the Smooth-L1-optimal constant is near the median
+        loss = loss + lambda_score * F.smooth_l1_loss(const, target.scores)
+    return loss.item()
+
+
+def build_optimizer(model: StitchedValueModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW with the stitching layer at `stitch_lr_mult` × lr; linear warm-up, then cosine decay to 10%."""
+    stitch = list(model.stitch.parameters())
+    stitch_ids = {id(p) for p in stitch}
+    rest = [p for p in model.trainable_parameters() if id(p) not in stitch_ids]
+    opt = torch.optim.AdamW(
+        [{"params": stitch, "lr": cfg.lr * cfg.stitch_lr_mult}, {"params": rest, "lr": cfg.lr}],
+        weight_decay=cfg.weight_decay,
+    )
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Checkpointer:
+    """`dir/last/`: trainable weights, optimiser, scheduler, RNG and step, replaced atomically."""
+
+    def __init__(self, directory: str | Path | None):
+        self.dir = Path(directory) if directory else None
+
+    def save(self, step: int, model, opt, sched, generator: torch.Generator) -> None:
+        if self.dir is None:
+            return
+        tmp, final = self.dir / "last.tmp", self.dir / "last"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "generator": generator.get_state()}, tmp / "state.pt")
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def restore(self, model, opt, sched, generator: torch.Generator) -> int:
+        """Load the last checkpoint if there is one; returns the step to continue from (0 if none)."""
+        last = None if self.dir is None else self.dir / "last"
+        if last is None or not (last / "step.json").is_file():
+            return 0
+        model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
+        state = torch.load(last / "state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        return json.loads((last / "step.json").read_text())["step"]
+
+
+def finetune(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTargets, cfg: TrainConfig, seed: int,
+             checkpoint_dir: str | Path | None = None, progress: bool = True,
+             on_step: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train `model` for `cfg.steps` steps (resuming from `checkpoint_dir/last` if present); returns the history."""
+    if len(z0) != len(targets):
+        raise ValueError(f"{len(z0)} clean latents but {len(targets)} teacher targets")
+    device = next(model.stitch.parameters()).device
+    model.train()
+    opt, sched = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    ckpt = Checkpointer(checkpoint_dir)
+    start = ckpt.restore(model, opt, sched, gen)
+    score_fn = model.reward.head if model.reward_spec.kind == "aesthetic" else None
+    params = model.trainable_parameters()
+    history = []
+    bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)
+    for step in bar:
+        idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen)
+        t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
+        noise = torch.randn((cfg.batch_size, *z0.shape[1:]), generator=gen)
+        z_t = forward_noise(z0[idx], t, noise).to(device)
+        embeds, tokens = model.embed(z_t, t.to(device))
+        target = targets.subset(idx).to(device)
+        parts = distillation_loss(embeds, tokens, target, cfg.lambda_tok, score_fn, cfg.lambda_score)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        row = {"step": step + 1, "lr": opt.param_groups[1]["lr"], "grad_norm": grad_norm.item(),
+               **{k: v.item() for k, v in parts.items()}}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            ckpt.save(step + 1, model, opt, sched, gen)
+        if on_step is not None:
+            on_step(row)
+    model.eval()
+    return history

@@ -1,0 +1,204 @@
+"""The pixel-space reward model (CLIP family), split at reward block j.
+
+Block indices are 1-based as in METHOD.md: `tokens_entering(x, j)` is r_{<j} (the tokens that enter block j) and
+`RewardTail(j)` is r_{≥j} (blocks j..L, final norm, projection). HF CLIP vision runs embeddings → pre_layrnorm →
+layers → post_layernorm(h[:, 0]) → visual_projection, so for j = 1 the tail owns `pre_layrnorm`.
+Preprocessing is done in torch so the reward is differentiable with respect to the pixels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from .backbone import DTYPES, fan_in_init_, seeded
+from .config import RewardSpec
+from .presets import REWARD_PRESETS, is_preset, lookup
+from .tokenizer import tiny_clip_tokenizer
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LAION_AESTHETIC_WIDTHS = (1024, 128, 64, 16)
+
+
+class AestheticHead(nn.Module):
+    """The LAION aesthetic predictor's MLP (same layer layout, so its state dict loads as is)."""
+
+    def __init__(self, in_dim: int, widths: tuple[int, ...] = LAION_AESTHETIC_WIDTHS):
+        super().__init__()
+        dims = (in_dim, *widths)
+        layers: list[nn.Module] = []
+        for k, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if k < len(widths) - 1:
+                layers.append(nn.Dropout(0.2 if k < 2 else 0.1))
+        layers.append(nn.Linear(dims[-1], 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeds).squeeze(-1)  # (B, E) -> (B,)
+
+
+class RewardTail(nn.Module):
+    """r_{≥j}: CLIP vision blocks j..L, final norm and projection; returns (image embedding, per-token outputs)."""
+
+    def __init__(self, clip: CLIPModel, j: int):
+        super().__init__()
+        vision = clip.vision_model
+        self.pre_layrnorm = vision.pre_layrnorm if j == 1 else nn.Identity()
+        self.layers = nn.ModuleList(vision.encoder.layers[j - 1:])
+        self.post_layernorm = vision.post_layernorm
+        self.visual_projection = clip.visual_projection
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.pre_layrnorm(tokens)  # (B, 1+P, D)
+        for layer in self.layers:
+            h = layer(h, None)
+        return self.visual_projection(self.post_layernorm(h[:, 0])), h  # (B, E), (B, 1+P, D)
+
+
+class ClipReward(nn.Module):
+    """A frozen CLIP-family reward: score = logit_scale · cos(image, text), or an aesthetic head on the image."""
+
+    def __init__(self, spec: RewardSpec, clip: CLIPModel, tokenizer: CLIPTokenizer, head: AestheticHead | None = None,
+                 image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD):
+        super().__init__()
+        self.spec, self.clip, self.tokenizer, self.head = spec, clip, tokenizer, head
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.requires_grad_(False).eval()
+
+    @property
+    def vision_config(self):
+        return self.clip.config.vision_config
+
+    @property
+    def depth(self) -> int:
+        return self.vision_config.num_hidden_layers
+
+    @property
+    def width(self) -> int:
+        return self.vision_config.hidden_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.vision_config.image_size // self.vision_config.patch_size
+        return n, n
+
+    def check_block(self, j: int) -> None:
+        if not 1 <= j <= self.depth:
+            raise ValueError(f"reward block j={j} is out of range: the reward model {self.spec.source!r} has "
+                             f"{self.depth} blocks (valid j: 1..{self.depth})")
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) normalised; resize shorter side to S, centre crop (as CLIP)."""
+        s = self.vision_config.image_size
+        h, w = pixels.shape[-2:]
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+            pixels = F.interpolate(pixels, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+            top, left = (nh - s) // 2, (nw - s) // 2
+            pixels = pixels[..., top:top + s, left:left + s]
+        x = (pixels + 1) / 2
+        return (x - self.image_mean) / self.image_std
+
+    def tokens_entering(self, pixels: torch.Tensor, j: int) -> torch.Tensor:
+        """r_{<j}: the (B, 1+P, D) tokens that enter reward block j (j = 1: the embeddings, before pre_layrnorm)."""
+        self.check_block(j)
+        vision = self.clip.vision_model
+        h = vision.embeddings(self.preprocess(pixels))
+        if j > 1:
+            h = vision.pre_layrnorm(h)
+            for layer in vision.encoder.layers[: j - 1]:
+                h = layer(h, None)
+        return h
+
+    def tail(self, j: int) -> RewardTail:
+        self.check_block(j)
+        return RewardTail(self.clip, j)
+
+    def image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher outputs on pixels: (B, E) l2-normalised embedding and (B, 1+P, D) final token states."""
+        embeds, tokens = self.tail(1)(self.tokens_entering(pixels, 1))
+        return F.normalize(embeds, dim=-1), tokens
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """(K, E) l2-normalised text embeddings; cached per prompt since the text tower is frozen."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.image_mean.device)
+            out = self.clip.get_text_features(input_ids=ids)
+            out = getattr(out, "pooler_output", out)
+            for p, e in zip(missing, F.normalize(out.float(), dim=-1)):
+                self._text_cache[p] = e
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) reward from normalised image embeddings (B, E) and, for CLIP, the matching text embeddings (B, E)."""
+        if self.spec.kind == "aesthetic":
+            return self.head(image_embeds)
+        if text_embeds is None:
+            raise ValueError("a CLIP reward needs the prompts' text embeddings to score images")
+        return self.clip.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)
+
+    def score_matrix(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, K): every image against every prompt (for an aesthetic head the K columns are equal)."""
+        if self.spec.kind == "aesthetic":
+            return self.head(image_embeds)[:, None].expand(-1, text_embeds.shape[0])
+        return self.clip.logit_scale.exp() * image_embeds @ text_embeds.T
+
+
+def build_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> ClipReward:
+    """The one factory for reward models (see `RewardSpec`)."""
+    dtype = DTYPES[spec.dtype]
+    if is_preset(spec.source):
+        cfg = lookup(REWARD_PRESETS, spec.source, "reward")
+        with seeded(spec.seed), torch.device(device):
+            clip = CLIPModel(CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
+                                        projection_dim=cfg["projection_dim"]))
+            if spec.source.startswith("tiny:"):
+                fan_in_init_(clip)
+        tokenizer = tiny_clip_tokenizer()
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    else:
+        clip = CLIPModel.from_pretrained(spec.source, dtype=dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(spec.source)
+        mean, std = _image_normalisation(spec.source)
+    head = _build_head(spec, clip.config.projection_dim, device) if spec.kind == "aesthetic" else None
+    return ClipReward(spec, clip.to(dtype), tokenizer, head, mean, std).to(device)
+
+
+def _build_head(spec: RewardSpec, in_dim: int, device) -> AestheticHead:
+    if spec.head == "random":
+        widths = lookup(REWARD_PRESETS, spec.source, "reward")["aesthetic_widths"] if is_preset(spec.source) else (
+            LAION_AESTHETIC_WIDTHS)
+        with seeded(spec.seed + 1), torch.device(device):
+            return AestheticHead(in_dim, widths)
+    path = Path(spec.head)
+    if not path.is_file():
+        raise FileNotFoundError(f"aesthetic head weights {path} do not exist (reward.head)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    head = AestheticHead(in_dim)
+    head.load_state_dict(state)
+    return head.to(device)
+
+
+def _image_normalisation(source: str):
+    """CLIP's mean/std from the checkpoint's preprocessor config when it has one, else OpenAI's."""
+    cfg = Path(source) / "preprocessor_config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text())
+        return tuple(data.get("image_mean", OPENAI_CLIP_MEAN)), tuple(data.get("image_std", OPENAI_CLIP_STD))
+    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

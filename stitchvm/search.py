@@ -1,0 +1,114 @@
+"""Stage 1: choose the interface (i, j) by closed-form least squares.
+
+For every backbone block i and reward block j ≤ j_max, fit y ≈ [x, 1] W (float64) from backbone tokens
+x = U(u_{≤i}(z_t)) (resampled to the reward grid) to the reward's patch tokens y = r_{<j}(D(z0)) minus the position
+embeddings (the stitched model adds them back). The fit streams over the probe set through the normal equations, so
+memory does not grow with the probe size. The normalised error is the fraction of y's variance left unexplained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .backbone_head import BackboneHead
+from .flow import forward_noise
+from .reward import ClipReward
+from .stitching import map_to_tokens, resample, tokens_to_map
+from .value_model import StitchedValueModel
+
+
+class NormalEquations:
+    """Running sums for least squares of several targets on one design matrix with a bias column (float64)."""
+
+    def __init__(self, in_dim: int, out_dims: list[int]):
+        d = in_dim + 1
+        self.out_dims = out_dims
+        self.xtx = torch.zeros(d, d, dtype=torch.float64)
+        self.xty = torch.zeros(d, sum(out_dims), dtype=torch.float64)
+        self.y_sum = torch.zeros(sum(out_dims), dtype=torch.float64)
+        self.y_sq = torch.zeros(sum(out_dims), dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor, ys: list[torch.Tensor]) -> None:
+        """x: (n, in_dim); ys: one (n, out_dim_k) tensor per target."""
+        x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+        y = torch.cat([t.double() for t in ys], dim=1)
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.y_sum += y.sum(0)
+        self.y_sq += (y * y).sum(0)
+        self.n += len(x)
+
+    def solve(self) -> list[tuple[torch.Tensor, float]]:
+        """Per target: W ((in_dim + 1), out_dim) with the bias in the last row, and the normalised error SSE/SST."""
+        w = torch.linalg.lstsq(self.xtx, self.xty, driver="gelsd").solution
+        # SSE = Σ||y||² - tr(Wᵀ XᵀY) at the least-squares solution; SST = Σ||y - ȳ||².
+        sse_cols = self.y_sq - (w * self.xty).sum(0)
+        sst_cols = self.y_sq - self.y_sum ** 2 / self.n
+        out, start = [], 0
+        for d in self.out_dims:
+            sl = slice(start, start + d)
+            sst = sst_cols[sl].sum().item()
+            out.append((w[:, sl], max(sse_cols[sl].sum().item(), 0.0) / max(sst, 1e-300)))
+            start += d
+        return out
+
+
+@dataclass
+class SearchResult:
+    table: list[dict]  # [{"i", "j", "error"}] for every pair
+    i: int
+    j: int
+    weight: torch.Tensor  # (backbone width, reward width) float64
+    bias: torch.Tensor  # (reward width,)
+    class_token: torch.Tensor  # (reward width,) mean class token entering block j, minus its position embedding
+
+    def to_json(self) -> dict:
+        return {"pair": {"i": self.i, "j": self.j}, "search": self.table}
+
+
+@torch.no_grad()
+def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, j_max: int, batch_size: int,
+                  generator: torch.Generator, progress: bool = True) -> SearchResult:
+    """Fit every (i, j) on the probe latents `z0` (N, C, H, W), noised at t ~ U[0, 1] drawn from `generator`."""
+    reward.check_block(j_max)
+    head = BackboneHead(backbone, backbone.depth)
+    pos = reward.clip.vision_model.embeddings.position_embedding.weight  # (1+P, D)
+    t_all = torch.rand(len(z0), generator=generator)
+    noise_all = torch.randn(z0.shape, generator=generator)
+    fits = [NormalEquations(backbone.width, [reward.width] * j_max) for _ in range(backbone.depth)]
+    cls_sum = torch.zeros(j_max, reward.width, dtype=torch.float64)
+    dev = backbone.device
+    for start in tqdm(range(0, len(z0), batch_size), desc="stitch search", disable=not progress):
+        sl = slice(start, start + batch_size)
+        z = z0[sl].to(dev)
+        t, noise = t_all[sl].to(dev), noise_all[sl].to(dev)
+        pixels = backbone.decode(z)
+        targets = []
+        for j in range(1, j_max + 1):
+            tok = reward.tokens_entering(pixels, j)  # (B, 1+P, D)
+            cls_sum[j - 1] += (tok[:, 0] - pos[0]).double().sum(0).cpu()
+            targets.append((tok[:, 1:] - pos[1:]).flatten(0, 1).cpu())  # (B·P, D)
+        feats = head(forward_noise(z, t, noise), t, all_blocks=True)
+        grid = head.grid(z.shape[-2:])
+        for fit, u in zip(fits, feats):
+            x = map_to_tokens(resample(tokens_to_map(u, grid), reward.grid)).flatten(0, 1).cpu()  # (B·P, Db)
+            fit.add(x, targets)
+    table, best = [], None
+    for i, fit in enumerate(fits, start=1):
+        for j, (w, err) in enumerate(fit.solve(), start=1):
+            table.append({"i": i, "j": j, "error": err})
+            if best is None or err < best[2]:
+                best = (i, j, err, w)
+    i, j, _, w = best
+    return SearchResult(table=table, i=i, j=j, weight=w[:-1], bias=w[-1], class_token=(cls_sum[j - 1] / len(z0)))
+
+
+def stitched_from_search(backbone: Backbone, reward: ClipReward, result: SearchResult) -> StitchedValueModel:
+    """The value model at the chosen (i, j), with F set to the least-squares map (so at init s = U∘F = the fit)."""
+    model = StitchedValueModel(backbone, reward, result.i, result.j, class_token=result.class_token.float())
+    model.stitch.init_projection(result.weight.float(), result.bias.float())
+    return model

@@ -1,0 +1,58 @@
+"""The stitching layer s(h) = U(F(h)) + G(U(F(h))) of METHOD.md.
+
+F: 1×1 conv (backbone width → reward width), initialised from the stage-1 least-squares fit.
+U: bilinear resampling from the backbone token grid to the reward patch grid.
+G: residual bottleneck MLP (1×1 conv → SiLU → 1×1 conv → SiLU) whose last conv starts at zero, so s = U∘F at init.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, D) row-major tokens -> (B, D, h, w) feature map."""
+    b, n, d = tokens.shape
+    if n != grid[0] * grid[1]:
+        raise ValueError(f"{n} tokens do not fill a {grid[0]}×{grid[1]} grid")
+    return tokens.transpose(1, 2).reshape(b, d, *grid)
+
+
+def map_to_tokens(fmap: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B, h·w, D) row-major tokens (the order of both SD3's and CLIP's patch embeddings)."""
+    return fmap.flatten(2).transpose(1, 2)
+
+
+def resample(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """U: bilinear resampling of a (B, D, h, w) map to `grid` (identity when the grids agree)."""
+    if tuple(fmap.shape[-2:]) == tuple(grid):
+        return fmap
+    return F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+
+
+class StitchingLayer(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], bottleneck: int = 8):
+        super().__init__()
+        self.out_grid = tuple(out_grid)
+        hidden = max(out_dim // bottleneck, 1)
+        self.proj = nn.Conv2d(in_dim, out_dim, 1)  # F
+        self.residual = nn.Sequential(  # G
+            nn.Conv2d(out_dim, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out_dim, 1), nn.SiLU()
+        )
+        nn.init.zeros_(self.residual[2].weight)
+        nn.init.zeros_(self.residual[2].bias)
+
+    @torch.no_grad()
+    def init_projection(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set F from a least-squares fit: `weight` (in_dim, out_dim) and `bias` (out_dim,) with y = x @ W + b."""
+        expected = (self.proj.in_channels, self.proj.out_channels)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"least-squares weight has shape {tuple(weight.shape)}, the stitch needs {expected}")
+        self.proj.weight.copy_(weight.T[:, :, None, None])
+        self.proj.bias.copy_(bias)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N, Din) backbone tokens on `grid` -> (B, P, Dout) reward patch tokens on `out_grid`."""
+        x = resample(self.proj(tokens_to_map(tokens, grid)), self.out_grid)  # (B, Dout, h', w')
+        return map_to_tokens(x + self.residual(x))

@@ -1,0 +1,122 @@
+"""The stitched value model V_{i,j}(z_t, t, prompt) = r_{≥j}(s_ψ(u_{≤i}(z_t, t, ∅)), prompt).
+
+Trainable: the stitching layer, the class token, the position embeddings and a copy of the reward tail r_{≥j}.
+Frozen and shared (never serialised, rebuilt from their specs): the backbone head and the reward model (the teacher,
+its text tower and any score head).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbone import Backbone, build_backbone
+from .backbone_head import BackboneHead
+from .config import ModelSpec, RewardSpec, from_dict, to_dict
+from .reward import ClipReward, build_reward
+from .stitching import StitchingLayer
+
+FORMAT = "stitchvm-value/1"
+TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
+
+
+class StitchedValueModel(nn.Module):
+    def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
+                 class_token: torch.Tensor | None = None):
+        super().__init__()
+        reward.check_block(j)
+        self.i, self.j = i, j
+        self.backbone_spec, self.reward_spec = backbone.spec, reward.spec
+        self.head = BackboneHead(backbone, i)
+        self.reward = reward
+        embeddings = reward.clip.vision_model.embeddings
+        self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid).to(reward.image_mean.device)
+        # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
+        cls = embeddings.class_embedding if class_token is None else class_token
+        self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1))  # (1, 1, D)
+        self.position_embedding = nn.Parameter(embeddings.position_embedding.weight.detach().clone()[None])  # (1, 1+P, D)
+        self.tail = copy.deepcopy(reward.tail(j)).requires_grad_(True).train()
+
+    def train(self, mode: bool = True) -> "StitchedValueModel":
+        super().train(mode)
+        self.head.eval()  # the frozen parts never leave eval mode (the aesthetic head has dropout)
+        self.reward.eval()
+        return self
+
+    def trainable_parameters(self):
+        return [p for n, p in self.named_parameters() if n.startswith(TRAINABLE)]
+
+    def stitch_tokens(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B,) -> (B, 1+P, D) tokens entering reward block j."""
+        u = self.head(z_t, t)  # (B, N, Db)
+        s = self.stitch(u, self.head.grid(z_t.shape[-2:]))  # (B, P, D)
+        cls = self.class_token.expand(s.shape[0], -1, -1)
+        return torch.cat([cls, s], dim=1) + self.position_embedding
+
+    def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, E) l2-normalised predicted image embedding and (B, 1+P, D) per-token outputs of r_{≥j}."""
+        embeds, tokens = self.tail(self.stitch_tokens(z_t, t))
+        return F.normalize(embeds, dim=-1), tokens
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        """V(z_t, t, prompt): (B,) values on the reward's scale."""
+        if self.reward_spec.kind == "clip" and (prompts is None or len(prompts) != z_t.shape[0]):
+            raise ValueError(f"a CLIP value needs one prompt per latent: got {0 if prompts is None else len(prompts)} "
+                             f"prompts for {z_t.shape[0]} latents")
+        embeds, _ = self.embed(z_t, t)
+        text = self.reward.text_embeds(prompts) if self.reward_spec.kind == "clip" else None
+        return self.reward.score(embeds, text)
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"format": FORMAT, "i": self.i, "j": self.j,
+                "backbone": to_dict(self.backbone_spec), "reward": to_dict(self.reward_spec)}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k.startswith(TRAINABLE)}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state_dict(), str(path / "model.safetensors"))
+        (path / "config.json").write_text(json.dumps(self.config(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backbone: Backbone | None = None, reward: ClipReward | None = None,
+                        device: str | torch.device = "cpu") -> "StitchedValueModel":
+        """Load trained weights; the frozen parts come from `backbone`/`reward` or are rebuilt from their specs."""
+        path = Path(path)
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
+        for f in (cfg_file, weights):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} does not exist: {path} is not a saved StitchedValueModel")
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{cfg_file}: format {cfg.get('format')!r} is not {FORMAT!r}")
+        bspec, rspec = from_dict(ModelSpec, cfg["backbone"]), from_dict(RewardSpec, cfg["reward"])
+        backbone = _matching(backbone, bspec, "backbone", path) or build_backbone(bspec, device)
+        reward = _matching(reward, rspec, "reward", path) or build_reward(rspec, device)
+        model = cls(backbone, reward, cfg["i"], cfg["j"])
+        state = load_file(str(weights), device=str(device))
+        expected = model.trainable_state_dict()
+        bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+        if bad or set(state) - set(expected):
+            k = (bad or sorted(set(state) - set(expected)))[0]
+            raise ValueError(f"{weights} does not fit a value model with i={cfg['i']}, j={cfg['j']} on "
+                             f"{bspec.source!r} + {rspec.source!r}: tensor {k!r} is missing or has another shape")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+def _matching(component, spec, what: str, path: Path):
+    if component is None:
+        return None
+    if component.spec != spec:
+        raise ValueError(f"checkpoint {path} was trained with {what} {to_dict(spec)}, "
+                         f"but the given {what} is {to_dict(component.spec)}")
+    return component
