@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import Backbone, build_backbone
+from .backbone import Backbone, build_backbone, seeded
 from .backbone_head import BackboneHead
 from .config import ModelSpec, RewardSpec, from_dict, to_dict
 from .reward import ClipReward, build_reward
@@ -27,7 +27,7 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
-                 class_token: torch.Tensor | None = None):
+                 class_token: torch.Tensor | None = None, seed: int = 0):
         super().__init__()
         reward.check_block(j)
         self.i, self.j = i, j
@@ -35,7 +35,8 @@ class StitchedValueModel(nn.Module):
         self.head = BackboneHead(backbone, i)
         self.reward = reward
         embeddings = reward.clip.vision_model.embeddings
-        self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid).to(reward.image_mean.device)
+        with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
+            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid).to(reward.image_mean.device)
         # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
         cls = embeddings.class_embedding if class_token is None else class_token
         self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1))  # (1, 1, D)

@@ -1,0 +1,126 @@
+import dataclasses
+
+import pytest
+import torch
+
+from stitchvm.config import TrainConfig
+from stitchvm.distill import (TeacherTargets, build_optimizer, distillation_loss, finetune, teacher_targets,
+                              trivial_loss)
+from stitchvm.evaluate import EvalSet, evaluate
+from stitchvm.flow import forward_noise
+from stitchvm.latent_fields import round_robin_prompts, smooth_latents
+from stitchvm.ranking import spearman_within_groups
+from stitchvm.search import search_stitch, stitched_from_search
+from stitchvm.value_model import StitchedValueModel
+
+from conftest import latents
+
+PROMPTS = ["a red square", "a green square", "a blue square", "a yellow square"]
+
+
+def test_loss_matches_a_float64_rederivation(gen):
+    e_s, e_t = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    h_s, h_t = torch.randn(3, 5, 6, generator=gen), torch.randn(3, 5, 6, generator=gen)
+    sc_t = torch.randn(3, generator=gen)
+    head = lambda e: e.sum(-1)
+    parts = distillation_loss(e_s, h_s, TeacherTargets(e_t, h_t, sc_t), 0.5, head, 2.0)
+    e_s, e_t, h_s, h_t, sc_t = (x.double() for x in (e_s, e_t, h_s, h_t, sc_t))
+    emb = sum(((e_s[b] - e_t[b]) ** 2).sum() for b in range(3)) / 3
+    tok = sum(((h_s[b, n] - h_t[b, n]) ** 2).sum() / 6 for b in range(3) for n in range(5)) / 15
+    diff = (e_s.sum(-1) - sc_t).abs()
+    sl1 = torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).mean()
+    assert parts["loss"].item() == pytest.approx((emb + 0.5 * tok + 2.0 * sl1).item(), rel=1e-6)
+
+
+def test_stitch_layer_gets_five_times_the_lr(backbone, reward):
+    model = StitchedValueModel(backbone, reward, 2, 1)
+    opt, sched = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=10, steps=100))
+    stitch_ids = {id(p) for p in model.stitch.parameters()}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == stitch_ids
+    assert opt.param_groups[0]["lr"] == pytest.approx(5 * opt.param_groups[1]["lr"])
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-5)  # warm-up step 1 of 10
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-4)
+    n_trainable = len(model.trainable_parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
+
+
+def test_training_learns_the_value(backbone, reward):
+    """Smooth latent fields: a tiny problem whose teacher scores really vary and are predictable from z_t."""
+    gen = torch.Generator().manual_seed(0)
+    z_train = smooth_latents(256, backbone.latent_channels, 16, gen)
+    z_eval, ids = smooth_latents(64, backbone.latent_channels, 16, gen), round_robin_prompts(4, 16)
+    train_t = teacher_targets(backbone, reward, z_train, 64)
+    eval_t = teacher_targets(backbone, reward, z_eval, 64)
+    text = reward.text_embeds(PROMPTS)
+    teacher = reward.score_matrix(eval_t.embeds, text)[torch.arange(64), ids]
+    # the spread check: within one prompt, teacher scores differ by far more than float noise
+    assert min(teacher[ids == k].std().item() for k in range(4)) > 0.1
+
+    result = search_stitch(backbone, reward, z_train[:128], 4, 32, gen, progress=False)
+    model = stitched_from_search(backbone, reward, result)
+    t = torch.full((64,), 0.1)
+    z_t = forward_noise(z_eval, t, torch.randn(z_eval.shape, generator=gen))
+
+    def loss_and_rank():
+        with torch.no_grad():
+            e, h = model.embed(z_t, t)
+        value = reward.score_matrix(e, text)[torch.arange(64), ids]
+        return distillation_loss(e, h, eval_t, 1.0)["loss"].item(), spearman_within_groups(value, teacher, ids)
+
+    loss0, rank0 = loss_and_rank()
+    cfg = TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup_steps=15, checkpoint_every=1000)
+    history = finetune(model, z_train, train_t, cfg, seed=0, progress=False)
+    loss1, rank1 = loss_and_rank()
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert loss1 < trivial_loss(eval_t, 1.0) < loss0
+    assert rank1 > rank0 + 0.1
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, backbone, reward, gen):
+    z0 = latents(backbone, 16, gen)
+    targets = teacher_targets(backbone, reward, z0, 8)
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3)
+    full = StitchedValueModel(backbone, reward, 2, 1)
+    finetune(full, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "a", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(row):
+        if row["step"] == 4:
+            raise Crash
+
+    interrupted = StitchedValueModel(backbone, reward, 2, 1)
+    with pytest.raises(Crash):
+        finetune(interrupted, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", on_step=crash_at_4,
+                 progress=False)
+    resumed = StitchedValueModel(backbone, reward, 2, 1)  # a fresh process would start from init weights
+    history = finetune(resumed, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", progress=False)
+    assert [r["step"] for r in history] == [4, 5, 6]
+    a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "b" / "last.tmp").exists()
+
+
+def test_evaluation_rows_and_floor(backbone, reward, gen):
+    model = StitchedValueModel(backbone, reward, 2, 1)
+    data = EvalSet(latents(backbone, 8, gen), round_robin_prompts(2, 4), PROMPTS[:2])
+    report = evaluate(model, backbone, reward, data, (0.25, 0.75), seed=0, batch_size=4, progress=False)
+    assert [(r["sigma"], r["method"]) for r in report["eval"]] == [
+        (0.25, "stitchvm"), (0.25, "tweedie"), (0.75, "stitchvm"), (0.75, "tweedie")]
+    for row in report["eval"]:
+        assert -1 <= row["spearman"] <= 1 and -1 <= row["spearman_within_prompt"] <= 1
+        assert 0 <= row["recall_at_1"] <= 1 and row["ms_per_eval"] > 0 and row["distill_loss"] > 0
+    assert report["trivial_loss"] > 0 and 0 <= report["teacher_recall_at_1"] <= 1
+
+
+def test_tweedie_at_sigma_zero_is_the_teacher(backbone, reward, gen):
+    """At σ = 0, ẑ0 = z0 exactly, so the Tweedie baseline must reproduce the teacher perfectly."""
+    model = StitchedValueModel(backbone, reward, 2, 1)
+    data = EvalSet(smooth_latents(8, 4, 16, gen), round_robin_prompts(2, 4), PROMPTS[:2])
+    row = evaluate(model, backbone, reward, data, (0.0,), seed=0, batch_size=8, progress=False)["eval"][1]
+    assert row["method"] == "tweedie"
+    assert row["spearman"] == pytest.approx(1.0) and row["distill_loss"] < 1e-9

@@ -1,0 +1,46 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stitchvm.stitching import StitchingLayer, map_to_tokens, tokens_to_map
+
+
+def test_at_init_the_stitch_is_exactly_U_of_F(gen):
+    layer = StitchingLayer(12, 20, out_grid=(6, 6))
+    w, b = torch.randn(12, 20, generator=gen), torch.randn(20, generator=gen)
+    layer.init_projection(w, b)
+    tokens = torch.randn(2, 64, 12, generator=gen)  # an 8×8 backbone grid
+    projected = tokens @ w + b  # F, per token: (2, 64, 20)
+    fmap = projected.transpose(1, 2).reshape(2, 20, 8, 8)
+    expected = F.interpolate(fmap, size=(6, 6), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(layer(tokens, (8, 8)), expected, atol=1e-5)
+
+
+def test_residual_moves_off_init_once_trained(gen):
+    layer = StitchingLayer(4, 16, out_grid=(3, 3))
+    tokens = torch.randn(2, 16, 4, generator=gen)
+    layer(tokens, (4, 4)).pow(2).sum().backward()
+    assert layer.residual[2].weight.grad.abs().sum() > 0  # the zero-initialised conv still receives gradient
+
+
+def test_resampling_keeps_row_major_orientation():
+    """Tokens whose value is their row index must stay constant along rows after resampling to another grid."""
+    rows, cols = 8, 5
+    tokens = torch.arange(rows).repeat_interleave(cols).float().view(1, rows * cols, 1)
+    layer = StitchingLayer(1, 1, out_grid=(6, 3))
+    layer.init_projection(torch.ones(1, 1), torch.zeros(1))
+    out = layer(tokens, (rows, cols)).view(6, 3)
+    assert torch.allclose(out, out[:, :1].expand(-1, 3))  # constant along each output row
+    assert (out[1:, 0] > out[:-1, 0]).all()  # increasing down the rows
+
+
+def test_token_map_round_trip(gen):
+    x = torch.randn(2, 12, 7, generator=gen)
+    assert torch.equal(map_to_tokens(tokens_to_map(x, (3, 4))), x)
+    with pytest.raises(ValueError, match="12 tokens do not fill a 5×5 grid"):
+        tokens_to_map(x, (5, 5))
+
+
+def test_wrong_least_squares_shape_is_named():
+    with pytest.raises(ValueError, match=r"shape \(3, 4\), the stitch needs \(4, 3\)"):
+        StitchingLayer(4, 3, (2, 2)).init_projection(torch.zeros(3, 4), torch.zeros(3))

@@ -1,0 +1,228 @@
+import hashlib
+import os
+import socket
+
+import fsspec
+import pyarrow as pa
+import pytest
+import torch
+
+from stitchvm.storage import open_root, read_shards, verify_shards, write_shards
+
+N, SHARD = 10, 4  # 3 shards: 4 + 4 + 2 rows
+
+
+def make_set(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"latents": torch.randn(N, 2, 3, 3, generator=g), "reward": torch.rand(N, generator=g).double()}
+    rows = {"id": [f"s{i}" for i in range(N)], "prompt": [f"p{i // 2}" for i in range(N)], "seed": list(range(N))}
+    return tensors, rows
+
+
+def shard_files(root, name="samples"):
+    return sorted(os.path.join(root, name, f) for f in os.listdir(os.path.join(root, name)) if f.startswith("shard-"))
+
+
+def mtimes(paths):
+    return {p: os.stat(p).st_mtime_ns for p in paths}
+
+
+def test_local_round_trip(tmp_path):
+    storage = open_root(str(tmp_path))
+    tensors, rows = make_set()
+    index = write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    files = shard_files(tmp_path)
+    assert [os.path.basename(f) for f in files] == [f"shard-{i:05d}.safetensors" for i in range(3)]
+
+    out, read_index = read_shards(storage, "samples", progress=False)
+    assert set(out) == {"latents", "reward"}
+    for k in tensors:
+        assert out[k].dtype == tensors[k].dtype and torch.equal(out[k], tensors[k])
+    assert read_index.equals(index)
+    assert index.column("row").type == pa.int64() and index.column("shard").type == pa.int32()
+    assert index.column("row").to_pylist() == list(range(N))
+    assert index.column("shard").to_pylist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert index.column("shard_row").to_pylist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    for col in rows:
+        assert index.column(col).to_pylist() == rows[col]
+    digests = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
+    assert index.column("sha256").to_pylist() == [digests[s] for s in index.column("shard").to_pylist()]
+    assert '"latents": [2, 3, 3]' in index.column("shape")[0].as_py()
+    assert '"reward": "float64"' in index.column("dtype")[0].as_py()
+
+    # subsets of keys and shards come back in row order with the matching index rows
+    part, part_index = read_shards(storage, "samples", keys=["reward"], shards=[2, 0], progress=False)
+    assert list(part) == ["reward"]
+    assert part_index.column("row").to_pylist() == [0, 1, 2, 3, 8, 9]
+    assert torch.equal(part["reward"], tensors["reward"][[0, 1, 2, 3, 8, 9]])
+
+
+def test_same_inputs_give_byte_identical_files(tmp_path):
+    for root in ("a", "b"):
+        tensors, rows = make_set()
+        if root == "b":  # dict insertion order must not matter
+            tensors = dict(reversed(tensors.items()))
+        write_shards(open_root(str(tmp_path / root)), "samples", tensors, rows, shard_size=SHARD, progress=False)
+    names = sorted(os.listdir(tmp_path / "a" / "samples"))
+    assert names == sorted(os.listdir(tmp_path / "b" / "samples")) and "index.parquet" in names
+    for f in names:
+        assert (tmp_path / "a" / "samples" / f).read_bytes() == (tmp_path / "b" / "samples" / f).read_bytes(), f
+
+
+def test_rerun_skips_complete_shards_and_repairs_a_truncated_one(tmp_path):
+    storage = open_root(str(tmp_path))
+    tensors, rows = make_set()
+    write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    files = shard_files(tmp_path)
+    before = mtimes(files)
+    write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    assert mtimes(files) == before
+
+    bad = files[1]
+    good_bytes = open(bad, "rb").read()
+    with open(bad, "r+b") as f:
+        f.truncate(len(good_bytes) // 2)
+    with pytest.raises(ValueError, match="corrupted or truncated") as err:
+        read_shards(storage, "samples", progress=False)
+    assert bad in str(err.value)
+    assert verify_shards(storage, "samples", progress=False) == [bad]
+
+    before = mtimes([files[0], files[2]])
+    write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    assert mtimes([files[0], files[2]]) == before
+    assert open(bad, "rb").read() == good_bytes
+    assert verify_shards(storage, "samples", progress=False) == []
+    out, _ = read_shards(storage, "samples", progress=False)
+    assert torch.equal(out["latents"], tensors["latents"])
+
+    # a missing shard is reported as bad too
+    os.remove(files[2])
+    assert verify_shards(storage, "samples", progress=False) == [files[2]]
+
+
+def test_changed_inputs_rewrite_the_shards(tmp_path):
+    storage = open_root(str(tmp_path))
+    tensors, rows = make_set(seed=0)
+    write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    new, _ = make_set(seed=1)
+    write_shards(storage, "samples", new, rows, shard_size=SHARD, progress=False)
+    out, _ = read_shards(storage, "samples", progress=False)
+    assert torch.equal(out["latents"], new["latents"])
+
+
+def test_no_temporary_files_left_visible(tmp_path):
+    storage = open_root(str(tmp_path))
+    tensors, rows = make_set()
+    write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    storage.write_table("prompts.parquet", pa.table(rows))
+    storage.write_json("meta/params.json", {"seed": 1})
+    names = [f for _, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(names) == 6 and not [f for f in names if ".tmp-" in f]
+
+    # a write that fails half way leaves the previous complete file and no temporary behind
+    with pytest.raises(TypeError):
+        storage.write_bytes_atomic("meta/params.json", "not bytes")
+    assert storage.read_json("meta/params.json") == {"seed": 1}
+    assert os.listdir(tmp_path / "meta") == ["params.json"]
+
+
+def test_tables_and_json_round_trip(tmp_path):
+    storage = open_root(str(tmp_path))
+    table = pa.table({"prompt": ["a cat", "a dog"], "score": [0.5, 1.5]})
+    storage.write_table("labels.parquet", table)
+    assert storage.read_table("labels.parquet").equals(table)
+    storage.write_json("metrics.json", {"spearman": 0.25, "n": 2})
+    assert storage.read_json("metrics.json") == {"spearman": 0.25, "n": 2}
+    assert storage.exists("metrics.json") and not storage.exists("nope.json")
+    assert storage.path("a", "b.parquet") == f"{tmp_path}/a/b.parquet"
+
+
+def test_missing_files_name_the_path_and_the_hint(tmp_path):
+    storage = open_root(str(tmp_path))
+    with pytest.raises(FileNotFoundError) as err:
+        read_shards(storage, "samples", hint="run the `samples` stage first")
+    assert str(tmp_path / "samples" / "index.parquet") in str(err.value)
+    assert "run the `samples` stage first" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="run the `labels` stage first") as err:
+        storage.read_table("labels.parquet", hint="run the `labels` stage first")
+    assert str(tmp_path / "labels.parquet") in str(err.value)
+
+
+def test_length_mismatch_names_the_key(tmp_path):
+    storage = open_root(str(tmp_path))
+    tensors, rows = make_set()
+    tensors["reward"] = tensors["reward"][:7]
+    with pytest.raises(ValueError, match=r"'reward'.*7.*10"):
+        write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    tensors, rows = make_set()
+    rows["id"] = rows["id"][:9]
+    with pytest.raises(ValueError):  # pyarrow rejects ragged columns itself (ArrowInvalid)
+        write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    with pytest.raises(ValueError, match=r"'latents'.*10.*9"):
+        write_shards(storage, "samples", tensors, pa.table({"id": rows["id"]}), shard_size=SHARD, progress=False)
+    assert not os.path.exists(tmp_path / "samples")
+
+
+# --- S3 against a real local moto server -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    # no client_kwargs region_name: s3fs.mkdir would send it as LocationConstraint, which S3 rejects for
+    # us-east-1; the region comes from AWS_DEFAULT_REGION instead
+    options = {"key": "testing", "secret": "testing", "use_listings_cache": False,
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.setenv(var, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        fsspec.filesystem("s3", **options).mkdir("bucket")
+        yield options
+    server.stop()
+
+
+def test_s3_round_trip_and_corruption(s3_options):
+    storage = open_root("s3://bucket/run1", s3_options)
+    assert storage.path("samples", "index.parquet") == "s3://bucket/run1/samples/index.parquet"
+    tensors, rows = make_set()
+    index = write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    out, read_index = read_shards(storage, "samples", progress=False)
+    assert read_index.equals(index)
+    assert all(torch.equal(out[k], tensors[k]) for k in tensors)
+
+    table = pa.table({"prompt": ["a cat", "a dog"], "score": [0.5, 1.5]})
+    storage.write_table("labels.parquet", table)
+    assert storage.read_table("labels.parquet").equals(table)
+    storage.write_json("metrics.json", {"n": 2})
+    assert storage.read_json("metrics.json") == {"n": 2}
+
+    fs = fsspec.filesystem("s3", **s3_options)
+    keys = fs.ls("bucket/run1/samples")
+    expected = ["index.parquet"] + [f"shard-{i:05d}.safetensors" for i in range(3)]
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == expected  # no temporary keys on S3 either
+    shard1 = "samples/shard-00001.safetensors"
+    assert fs.cat_file(f"bucket/run1/{shard1}") == storage.read_bytes(shard1)
+
+    bad = "s3://bucket/run1/samples/shard-00001.safetensors"
+    good_bytes = fs.cat_file(bad)
+    fs.pipe_file(bad, good_bytes[:100])
+    with pytest.raises(ValueError, match="corrupted or truncated") as err:
+        read_shards(storage, "samples", progress=False)
+    assert bad in str(err.value)
+    assert verify_shards(storage, "samples", progress=False) == [bad]
+    write_shards(storage, "samples", tensors, rows, shard_size=SHARD, progress=False)
+    assert fs.cat_file(bad) == good_bytes and verify_shards(storage, "samples", progress=False) == []
+
+    with pytest.raises(FileNotFoundError, match="s3://bucket/run1/missing/index.parquet.*stage first"):
+        read_shards(storage, "missing", hint="run the stage first")
