@@ -1,0 +1,221 @@
+"""MLflow tracking and Model Registry for stitched value models: the only module of the library that imports mlflow.
+
+A trained value model is published as an MLflow pyfunc so that consumers load it with nothing but
+`mlflow.pyfunc.load_model("models:/stitchvm-value@champion")`. The logged artifact is the `save_pretrained` folder
+(trainable weights + config.json); the frozen backbone head and reward model are rebuilt from the specs recorded in
+that config when the model is loaded, so they are never serialised a second time.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from numbers import Real
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import torch
+from mlflow.entities import Metric, Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
+
+from .value_model import StitchedValueModel
+
+ARTIFACT_KEY = "value_model"  # the key of the save_pretrained folder in the pyfunc's artifacts
+INPUT_NDIM = {"latents": 4, "t": 1, "prompts": 1}  # what ValueModelPyfunc.predict expects, key -> ndim
+REQUIREMENTS = ("stitchvm", "torch", "diffusers", "transformers", "safetensors")
+MAX_METRICS_PER_BATCH = 1000  # the tracking API's limit for one log_batch call
+
+
+# ---- the pyfunc ---------------------------------------------------------------------------------------------------
+class ValueModelPyfunc(mlflow.pyfunc.PythonModel):
+    """V(z_t, t, prompt) behind MLflow's pyfunc interface.
+
+    Input: a dict of arrays `{"latents": float32 (B, C, H, W), "t": float32 (B,), "prompts": str (B,)}` (MLflow
+    passes a named tensor signature's input to `predict` as such a dict). Output: float32 (B,) values.
+    """
+
+    # `predict` deliberately has no type hint on `model_input`: MLflow 3 derives a signature and a validator from
+    # that hint but only understands `list[...]` inputs, so a `dict[str, np.ndarray]` hint only produces warnings.
+    # The input is checked by the tensor signature (log_value_model) and by `check_inputs` below.
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Rebuild the value model from the logged save_pretrained folder (frozen parts from their specs)."""
+        self.model = StitchedValueModel.from_pretrained(context.artifacts[ARTIFACT_KEY]).eval()
+
+    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+        """(B,) float32 values for a batch of noisy latents, their noise levels and their prompts."""
+        latents, t, prompts = check_inputs(model_input)
+        device = next(self.model.stitch.parameters()).device
+        with torch.no_grad():
+            values = self.model(torch.as_tensor(latents, dtype=torch.float32, device=device),
+                                torch.as_tensor(t, dtype=torch.float32, device=device),
+                                [str(p) for p in prompts])
+        return values.float().cpu().numpy()
+
+
+def check_inputs(model_input) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate a pyfunc input dict and return (latents, t, prompts) as arrays.
+
+    MLflow's schema enforcement only runs when the model is called through `PyFuncModel.predict`; direct callers of
+    `ValueModelPyfunc.predict` (and a batch-size mismatch, which a per-tensor schema with -1 cannot express) still
+    need a clear error here instead of a shape error deep inside the transformer.
+    """
+    if not isinstance(model_input, dict):
+        raise ValueError(f"the value model takes a dict with keys {list(INPUT_NDIM)}, got {type(model_input).__name__}")
+    arrays = {}
+    for key, ndim in INPUT_NDIM.items():
+        if key not in model_input:
+            raise ValueError(f"input {key!r} is missing: the value model needs keys {list(INPUT_NDIM)}, "
+                             f"got {sorted(model_input)}")
+        arrays[key] = np.asarray(model_input[key])
+        if arrays[key].ndim != ndim:
+            raise ValueError(f"input {key!r} must have {ndim} dimensions, got shape {arrays[key].shape}")
+    shapes = {key: a.shape for key, a in arrays.items()}
+    if len({s[0] for s in shapes.values()}) != 1:
+        raise ValueError("inputs 'latents', 't' and 'prompts' must have the same batch size, got shapes "
+                         + ", ".join(f"{k!r} {s}" for k, s in shapes.items()))
+    return arrays["latents"], arrays["t"], arrays["prompts"]
+
+
+def value_model_signature(latent_shape: tuple[int, int, int]) -> ModelSignature:
+    """The tensor signature of ValueModelPyfunc for latents of shape (C, H, W) (-1 for a free size)."""
+    c, h, w = latent_shape
+    inputs = Schema([
+        TensorSpec(np.dtype(np.float32), (-1, c, h, w), "latents"),
+        TensorSpec(np.dtype(np.float32), (-1,), "t"),
+        # np.dtype(str) is accepted by TensorSpec (size-less "<U0"; a sized "<U12" is refused). Enforcement strips
+        # the size of a "<U..." array before comparing, so any numpy string array passes and the signature JSON
+        # says dtype "str"; an object array of Python strings does not pass (convert with np.asarray(x, dtype=str)).
+        TensorSpec(np.dtype(str), (-1,), "prompts"),
+    ])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]))
+
+
+def latent_channels(model: StitchedValueModel) -> int:
+    """Channels of the latents the backbone head reads (the in-channels of its patch embedding)."""
+    return model.head.pos_embed.proj.in_channels
+
+
+def pip_requirements() -> list[str]:
+    """The value model's run-time requirements, pinned to the versions installed here.
+
+    Passed explicitly so that MLflow skips its slow requirement inference (which imports and traces the model).
+    A local version label (torch's `+cu128`) is dropped: it names a wheel index, not a release.
+    """
+    pins = []
+    for name in REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+# ---- logging and the registry ------------------------------------------------------------------------------------
+def log_value_model(model: StitchedValueModel, artifact_name: str = "value_model",
+                    registered_name: str | None = "stitchvm-value", alias: str | None = "candidate",
+                    latent_shape: tuple[int, int, int] | None = None) -> ModelVersion | ModelInfo:
+    """Log `model` as a pyfunc in the active run; register it as `registered_name` and point `alias` at it.
+
+    `latent_shape` (C, H, W) goes into the signature; by default C comes from the model and H, W are free (-1), since
+    the stitching layer resamples any backbone grid (within the backbone's position-embedding range). Returns the
+    registered ModelVersion, or the ModelInfo when `registered_name` is None (then nothing is registered and `alias`
+    is ignored: an alias belongs to a registered model).
+    """
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_value_model needs an active MLflow run: call it inside `with start_run(...)`")
+    shape = latent_shape if latent_shape is not None else (latent_channels(model), -1, -1)
+    if len(shape) != 3:
+        raise ValueError(f"latent_shape must be (C, H, W), got {shape}")
+    with tempfile.TemporaryDirectory(prefix="stitchvm-value-") as tmp:
+        folder = os.path.join(tmp, ARTIFACT_KEY)  # MLflow keeps the folder's name: make it a stable one
+        model.save_pretrained(folder)
+        info = mlflow.pyfunc.log_model(
+            name=artifact_name, python_model=ValueModelPyfunc(), artifacts={ARTIFACT_KEY: folder},
+            signature=value_model_signature(tuple(shape)), pip_requirements=pip_requirements(), code_paths=None,
+            registered_model_name=registered_name)
+    if registered_name is None:
+        return info
+    model_version = str(info.registered_model_version)
+    if alias is not None:
+        MlflowClient().set_registered_model_alias(registered_name, alias, model_version)
+    return MlflowClient().get_model_version(registered_name, model_version)
+
+
+def promote(name: str, version: str | int, alias: str = "champion") -> ModelVersion:
+    """Point `alias` of registered model `name` at `version` (e.g. candidate -> champion); returns that version."""
+    client = MlflowClient()
+    client.set_registered_model_alias(name, alias, str(version))
+    return client.get_model_version(name, str(version))
+
+
+# ---- runs and metrics --------------------------------------------------------------------------------------------
+def tracking_uri(default: str = "sqlite:///mlflow.db") -> str:
+    """The tracking URI to use: `MLFLOW_TRACKING_URI` if set, else `default` (a local sqlite file, which also
+    serves the Model Registry; the plain `./mlruns` file store does not support aliases)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
+_env_tracking_uri = tracking_uri  # `start_run` has a parameter of the same name
+
+
+@contextmanager
+def start_run(experiment: str, run_name: str | None = None, tracking_uri: str | None = None,
+              artifact_location: str | None = None) -> Iterator[Run]:
+    """Point tracking and the registry at one URI, select (or create) `experiment` and run inside it.
+
+    `artifact_location` is used only when the experiment is created here; without it MLflow puts artifacts
+    under `./mlruns` of the working directory.
+    """
+    uri = tracking_uri if tracking_uri is not None else _env_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = (found.experiment_id if found is not None
+                     else client.create_experiment(experiment, artifact_location=artifact_location))
+    mlflow.set_experiment(experiment_id=experiment_id)
+    with mlflow.start_run(run_name=run_name) as run:
+        yield run
+
+
+def log_history(history: list[dict], prefix: str = "train") -> None:
+    """Log a training history (one dict per step; its `step` key gives the step) as `prefix/key` metrics.
+
+    All rows go to the active run in batches of up to 1000 metrics: one database transaction per batch instead of
+    one per step, which is what keeps a few thousand steps quick on sqlite.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_history needs an active MLflow run: call it inside `with start_run(...)`")
+    metrics = history_metrics(history, prefix, timestamp_ms=int(time.time() * 1000))
+    client = MlflowClient()
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+
+
+def history_metrics(history: list[dict], prefix: str, timestamp_ms: int) -> list[Metric]:
+    """Flatten history rows into MLflow Metrics; a row without a `step` or with a non-numeric value is an error."""
+    metrics = []
+    for n, row in enumerate(history):
+        if "step" not in row:
+            raise ValueError(f"history row {n} has no 'step' key: {sorted(row)}")
+        step = int(row["step"])
+        for key, value in row.items():
+            if key == "step":
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise TypeError(f"history row {n} (step {step}): {key!r} is {value!r}, not a number")
+            name = f"{prefix}/{key}" if prefix else key
+            metrics.append(Metric(key=name, value=float(value), timestamp=timestamp_ms, step=step))
+    return metrics
