@@ -1,30 +1,54 @@
-"""`python -m stitchvm <command>`: single stages and runs of the library."""
+"""`python -m stitchvm <command>`: one pipeline stage, or the end-to-end smoke run."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .config import ConfigError, load_params
+from .stages import GRAPH, PARTITIONED, stage
+
+
+def _shards(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shards takes comma-separated shard numbers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stitchvm", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    smoke = sub.add_parser("smoke", help="build, search, finetune and evaluate on the params' models")
-    smoke.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for name in GRAPH:
+        p = sub.add_parser(name, help=f"run the `{name}` stage")
+        if name in PARTITIONED:
+            p.add_argument("--shards", type=_shards, default=None, help="only these shards (default: all)")
+    smoke = sub.add_parser("smoke", help="every stage in-process on a temporary root; prints and writes a report")
     smoke.add_argument("--out", default="reports/smoke.json", help="where to write the JSON report")
-    smoke.add_argument("--checkpoint-dir", default=None, help="checkpoint (and resume) directory for finetuning")
-    smoke.add_argument("--device", default="cpu")
-    smoke.add_argument("--no-progress", action="store_true")
+    for p in sub.choices.values():  # let --params/--no-progress also follow the command
+        p.add_argument("--params", default=argparse.SUPPRESS)
+        p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
     except ConfigError as e:
         print(f"stitchvm: {e}", file=sys.stderr)
         return 2
-    if args.command == "smoke":
-        from .smoke import run
-        run(params, args.out, args.checkpoint_dir, args.device, progress=not args.no_progress)
+    progress = not args.no_progress
+    try:
+        if args.command == "smoke":
+            from .smoke import run
+            run(params, args.out, progress=progress)
+            return 0
+        from .stages.runtime import Paths
+        kwargs = {"shards": args.shards} if args.command in PARTITIONED else {}
+        summary = stage(args.command).run(params, Paths.from_params(params), progress=progress, **kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"stitchvm {args.command}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("table", "eval")}, indent=2, default=str))
     return 0
 
 

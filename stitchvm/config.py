@@ -62,27 +62,73 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """The clean-latent sets of the smoke run (smooth latent fields, prompts assigned round-robin)."""
+class StorageConfig:
+    """One root for every stage output: a local folder (tracked by DVC) or `s3://bucket/prefix` through s3fs."""
 
-    prompts: tuple[str, ...] = ("a red square", "a green square", "a blue square", "a yellow square")
-    train_images_per_prompt: int = 64
-    eval_images_per_prompt: int = 16
+    root: str = "data"
+    options: dict | None = None  # fsspec storage options, e.g. {client_kwargs: {endpoint_url: http://…}}
+    shard_size: int = 64
 
     def __post_init__(self):
-        _check(len(self.prompts) >= 1, "needs at least one prompt")
-        _check(self.train_images_per_prompt >= 1, "train_images_per_prompt must be >= 1")
-        _check(self.eval_images_per_prompt >= 2, "eval_images_per_prompt must be >= 2 (within-prompt ranks)")
+        _check(bool(self.root), "root must not be empty")
+        _check(self.shard_size >= 1, "shard_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """`source`: `builtin` (a list suited to the reward) or a `.txt` (one prompt a line) / `.parquet` (column
+    `prompt`) file. Prompts are shuffled under the seed and split into train / val / test."""
+
+    source: str = "builtin"
+    train: int = 8
+    val: int = 2
+    test: int = 4
+
+    def __post_init__(self):
+        _check(self.source == "builtin" or self.source.endswith((".txt", ".parquet")),
+               f"source {self.source!r} is not 'builtin', a .txt or a .parquet file")
+        _check(self.train >= 1 and self.test >= 1, "train and test need at least one prompt each")
+        _check(self.val >= 0, "val must be >= 0")
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """Clean latents: `pipeline` (the backbone's own flow-matching Euler sampler with CFG) or `smooth` (smooth
+    latent fields, the testbed for random-weight models)."""
+
+    source: str = "pipeline"
+    per_prompt: int = 8
+    steps: int = 10
+    guidance_scale: float = 4.5
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _check(self.source in ("pipeline", "smooth"), f"source {self.source!r} is not 'pipeline' or 'smooth'")
+        _check(self.per_prompt >= 2, "per_prompt must be >= 2 (within-prompt ranks)")
+        _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class NoisyConfig:
+    """The fixed noisy inputs: the stitch-search probe (t ~ U[0, 1]) and the evaluation σ grid."""
+
+    probe_size: int = 200
+    sigmas: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+    def __post_init__(self):
+        _check(self.probe_size >= 2, "probe_size must be >= 2")
+        _check(len(self.sigmas) >= 1, "needs at least one sigma")
+        _check(all(0.0 <= s <= 1.0 for s in self.sigmas), f"sigmas must lie in [0, 1], got {list(self.sigmas)}")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    probe_size: int = 200
     j_max: int = 4
     batch_size: int = 16
 
     def __post_init__(self):
-        _check(self.probe_size >= 2, "probe_size must be >= 2")
         _check(self.j_max >= 1, "j_max must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
 
@@ -118,14 +164,30 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    sigmas: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+class EvaluateConfig:
+    """Evaluation batch size and the gate for promoting a model to `champion`: at `gate_sigma`, the value's
+    within-prompt Spearman must reach `min_spearman_within_prompt` and its loss must stay below the trivial predictor's
+    times `max_loss_ratio`."""
+
     batch_size: int = 32
+    gate_sigma: float = 0.5
+    min_spearman_within_prompt: float = 0.3
+    max_loss_ratio: float = 1.0
 
     def __post_init__(self):
-        _check(len(self.sigmas) >= 1, "needs at least one sigma")
-        _check(all(0.0 <= s <= 1.0 for s in self.sigmas), f"sigmas must lie in [0, 1], got {list(self.sigmas)}")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(0.0 <= self.gate_sigma <= 1.0, "gate_sigma must lie in [0, 1]")
+        _check(-1.0 <= self.min_spearman_within_prompt <= 1.0, "min_spearman_within_prompt must lie in [-1, 1]")
+        _check(self.max_loss_ratio > 0, "max_loss_ratio must be > 0")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """`tracking_uri`: None means the MLFLOW_TRACKING_URI variable, else sqlite:///mlflow.db in the project."""
+
+    tracking_uri: str | None = None
+    experiment: str = "stitchvm"
+    registered_model: str = "stitchvm-value"
 
 
 @dataclass(frozen=True)
@@ -133,10 +195,18 @@ class Params:
     seed: int = 0
     backbone: ModelSpec = field(default_factory=ModelSpec)
     reward: RewardSpec = field(default_factory=RewardSpec)
-    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
+    noisy: NoisyConfig = field(default_factory=NoisyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self):
+        _check(self.evaluate.gate_sigma in self.noisy.sigmas,
+               f"evaluate.gate_sigma {self.evaluate.gate_sigma} is not one of noisy.sigmas {list(self.noisy.sigmas)}")
 
 
 def _type_name(tp) -> str:
@@ -161,7 +231,9 @@ def _convert(value, tp, path: str):
         return tuple(_convert(v, inner, f"{path}[{k}]") for k, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+    if tp is dict and isinstance(value, dict):
+        return value
+    if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
 

@@ -76,23 +76,32 @@ def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teache
     return row
 
 
+def noise_grid(z0: torch.Tensor, sigmas: tuple[float, ...], generator: torch.Generator) -> dict[float, torch.Tensor]:
+    """{σ: z_σ} with fresh noise for each σ, drawn in σ order."""
+    return {float(s): forward_noise(z0, torch.full((len(z0),), float(s)), torch.randn(z0.shape, generator=generator))
+            for s in sigmas}
+
+
 def evaluate(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, data: EvalSet,
-             sigmas: tuple[float, ...], seed: int, batch_size: int, lambda_tok: float = 1.0,
-             progress: bool = True) -> dict:
+             noisy: dict[float, torch.Tensor], batch_size: int, lambda_tok: float = 1.0,
+             teacher: TeacherTargets | None = None, progress: bool = True) -> dict:
     """Rows `{sigma, method, spearman, spearman_within_prompt, pearson, [recall_at_1], distill_loss, ms_per_eval,
-    peak_mem_mb}` for each σ and method, plus the teacher's clean Recall@1 and the trivial predictor's loss."""
+    peak_mem_mb}` for each σ of `noisy` ({σ: (N, C, H, W) noised data.z0}) and method, plus the teacher's clean
+    Recall@1 and the trivial predictor's loss. `teacher` (on data.z0) is computed when not given."""
     device = backbone.device
     model.eval()
-    teacher = teacher_targets(backbone, reward, data.z0, batch_size)
+    if teacher is None:
+        teacher = teacher_targets(backbone, reward, data.z0, batch_size)
     text = reward.text_embeds(data.prompts)  # (K, E)
     teacher_matrix = reward.score_matrix(teacher.embeds.to(text.device), text).cpu()
     methods = {"stitchvm": stitch_features(model), "tweedie": tweedie_features(backbone, reward, data.prompts)}
     cost = {name: _cost(fn, data, batch_size, device) for name, fn in methods.items()}
-    gen = torch.Generator().manual_seed(seed)
     rows = []
-    for sigma in tqdm(sigmas, desc="evaluate", disable=not progress):
-        t = torch.full((len(data.z0),), float(sigma))
-        z_t = forward_noise(data.z0, t, torch.randn(data.z0.shape, generator=gen))
+    for sigma, z_t in tqdm(noisy.items(), desc="evaluate", disable=not progress):
+        if z_t.shape != data.z0.shape:
+            raise ValueError(f"noisy latents at σ={sigma} have shape {tuple(z_t.shape)}, the clean set "
+                             f"{tuple(data.z0.shape)}")
+        t = torch.full((len(z_t),), float(sigma))
         for name, fn in methods.items():
             embeds, tokens = _batched(fn, z_t, t, data.prompt_ids, batch_size, device)
             row = {"sigma": float(sigma), "method": name}

@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .backbone_head import BackboneHead
-from .flow import forward_noise
 from .reward import ClipReward
 from .stitching import map_to_tokens, resample, tokens_to_map
 from .value_model import StitchedValueModel
@@ -71,28 +70,27 @@ class SearchResult:
 
 
 @torch.no_grad()
-def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, j_max: int, batch_size: int,
-                  generator: torch.Generator, progress: bool = True) -> SearchResult:
-    """Fit every (i, j) on the probe latents `z0` (N, C, H, W), noised at t ~ U[0, 1] drawn from `generator`."""
+def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor,
+                  j_max: int, batch_size: int, progress: bool = True) -> SearchResult:
+    """Fit every (i, j) on probe pairs: clean latents `z0` (N, C, H, W) and their noised versions `z_t` at `t` (N,)."""
     reward.check_block(j_max)
+    if not len(z0) == len(z_t) == len(t):
+        raise ValueError(f"probe sizes differ: {len(z0)} clean latents, {len(z_t)} noisy latents, {len(t)} times")
     head = BackboneHead(backbone, backbone.depth)
     pos = reward.clip.vision_model.embeddings.position_embedding.weight  # (1+P, D)
-    t_all = torch.rand(len(z0), generator=generator)
-    noise_all = torch.randn(z0.shape, generator=generator)
     fits = [NormalEquations(backbone.width, [reward.width] * j_max) for _ in range(backbone.depth)]
     cls_sum = torch.zeros(j_max, reward.width, dtype=torch.float64)
     dev = backbone.device
     for start in tqdm(range(0, len(z0), batch_size), desc="stitch search", disable=not progress):
         sl = slice(start, start + batch_size)
         z = z0[sl].to(dev)
-        t, noise = t_all[sl].to(dev), noise_all[sl].to(dev)
         pixels = backbone.decode(z)
         targets = []
         for j in range(1, j_max + 1):
             tok = reward.tokens_entering(pixels, j)  # (B, 1+P, D)
             cls_sum[j - 1] += (tok[:, 0] - pos[0]).double().sum(0).cpu()
             targets.append((tok[:, 1:] - pos[1:]).flatten(0, 1).cpu())  # (B·P, D)
-        feats = head(forward_noise(z, t, noise), t, all_blocks=True)
+        feats = head(z_t[sl].to(dev), t[sl].to(dev), all_blocks=True)
         grid = head.grid(z.shape[-2:])
         for fit, u in zip(fits, feats):
             x = map_to_tokens(resample(tokens_to_map(u, grid), reward.grid)).flatten(0, 1).cpu()  # (B·P, Db)

@@ -1,60 +1,36 @@
-"""The library end to end on one machine: build, search, finetune, evaluate, report.
+"""Every stage in-process on a temporary storage root, then one report.
 
-`python -m stitchvm smoke --out reports/smoke.json`
+`python -m stitchvm smoke --out reports/smoke.json`: builds the backbone and reward of the params, samples, labels,
+searches, finetunes and evaluates, prints the evaluation table and writes
+`{"pair": {"i", "j"}, "search": [{"i", "j", "error"}, …], "eval": [{"sigma", "method", …}, …], …}`.
 """
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from .backbone import build_backbone
 from .config import Params, to_dict
-from .distill import finetune, teacher_targets
-from .evaluate import EvalSet, evaluate
-from .latent_fields import round_robin_prompts, smooth_latents
-from .reward import build_reward
-from .search import search_stitch, stitched_from_search
+from .stages import GRAPH, stage
+from .stages.runtime import Paths
 
 
-def run(params: Params, out: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-        device: str = "cpu", progress: bool = True) -> dict:
-    timings, clock = {}, time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
-
-    backbone = build_backbone(params.backbone, device)
-    reward = build_reward(params.reward, device)
-    lap("build")
-    gen = torch.Generator().manual_seed(params.seed)
-    prompts = list(params.data.prompts)
-    latent_size = backbone.image_size // backbone.vae_scale
-    n_train = params.data.train_images_per_prompt * len(prompts)
-    z_train = smooth_latents(n_train, backbone.latent_channels, latent_size, gen)
-    eval_ids = round_robin_prompts(len(prompts), params.data.eval_images_per_prompt)
-    data = EvalSet(smooth_latents(len(eval_ids), backbone.latent_channels, latent_size, gen), eval_ids, prompts)
-    lap("data")
-    probe = z_train[torch.randperm(len(z_train), generator=gen)[: params.search.probe_size]]
-    result = search_stitch(backbone, reward, probe, params.search.j_max, params.search.batch_size, gen, progress)
-    lap("search")
-    model = stitched_from_search(backbone, reward, result)
-    targets = teacher_targets(backbone, reward, z_train, params.eval.batch_size)
-    history = finetune(model, z_train, targets, params.train, params.seed, checkpoint_dir, progress)
-    lap("finetune")
-    ev = evaluate(model, backbone, reward, data, params.eval.sigmas, params.seed + 1, params.eval.batch_size,
-                  params.train.lambda_tok, progress)
-    lap("evaluate")
+def run(params: Params, out: str | Path | None = None, progress: bool = True) -> dict:
+    timings = {}
+    with tempfile.TemporaryDirectory(prefix="stitchvm-smoke-") as tmp:
+        paths = Paths(root=str(Path(tmp) / "data"), reports=Path(tmp) / "reports",
+                      checkpoints=Path(tmp) / "checkpoints", track=False)
+        summaries = {}
+        for name in GRAPH:
+            start = time.perf_counter()
+            summaries[name] = stage(name).run(params, paths, progress=progress)
+            timings[name] = round(time.perf_counter() - start, 3)
     report = {
-        **result.to_json(),
-        **ev,
-        "train": {"steps": params.train.steps, "first_loss": history[0]["loss"] if history else None,
-                  "final_loss": history[-1]["loss"] if history else None},
+        "pair": summaries["search"]["pair"],
+        "search": summaries["search"]["table"],
+        **{k: v for k, v in summaries["evaluate"].items()},
+        "train": {k: summaries["train"][k] for k in ("steps", "first_loss", "final_loss", "samples_per_s")},
         "timings_s": timings,
         "params": to_dict(params),
     }

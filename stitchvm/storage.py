@@ -1,9 +1,18 @@
 """Stage outputs under one storage root: Parquet tables and safetensors shard sets, on a local folder or s3://.
 
+A shard set `name` is laid out so that each shard can be written by a separate process (one Dagster partition
+per shard) without any shared file to coordinate on:
+
+    name/shard-00000.safetensors     rows [0, shard_size) of every tensor
+    name/index/shard-00000.parquet   that shard's index rows (row, shard, shard_row, user columns, dtype, shape,
+                                     sha256), written only after its shard file
+
 A file only ever appears under its final name once it is complete (temporary name + rename locally; a single
-committed PUT on S3), a shard set's index is written last, and every shard carries a sha256 in the index so a
-truncated or corrupted shard is detected on read instead of being silently used. Re-running a stage skips shards
-whose bytes already match what it would write.
+committed PUT on S3), and a shard's index part is written after the shard itself, so a shard without its part is
+simply "not written yet". The index is the concatenation of all parts; `expected_shards` makes a reader fail
+clearly, naming the missing shard ids, instead of quietly reading a partial set. Every shard's sha256 is in its
+part, so a truncated or corrupted shard is detected on read instead of being silently used, and re-running a
+stage skips shards whose bytes already match what it would write.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 
 import fsspec
@@ -23,7 +33,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-INDEX = "index.parquet"
+INDEX_DIR = "index"  # name/index/ holds one Parquet index part per shard
+PART_RE = re.compile(r"shard-(\d+)\.parquet$")
 RESERVED = ("row", "shard", "shard_row", "dtype", "shape", "sha256")
 
 
@@ -41,6 +52,9 @@ class Storage:
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
+
+    def remove(self, rel: str) -> None:
+        self.fs.rm_file(self.path(rel))
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Write so that readers see either the old file or the complete new one, never a partial one.
@@ -101,14 +115,24 @@ def shard_name(name: str, shard: int) -> str:
     return f"{name}/shard-{shard:05d}.safetensors"
 
 
-def shard_bytes(tensors: dict[str, torch.Tensor], start: int, stop: int) -> bytes:
-    """safetensors bytes of rows [start, stop); sorted keys + contiguous CPU copies make them deterministic."""
-    return save_safetensors({k: tensors[k][start:stop].detach().cpu().contiguous() for k in sorted(tensors)})
+def shard_index_name(name: str, shard: int) -> str:
+    """Index part of one shard: one file per shard, so independent writers never touch a shared index file."""
+    return f"{name}/{INDEX_DIR}/shard-{shard:05d}.parquet"
+
+
+def shard_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of `tensors`; sorted keys + contiguous CPU copies make them deterministic."""
+    return save_safetensors({k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)})
+
+
+def as_table(rows: pa.Table | dict) -> pa.Table:
+    return rows if isinstance(rows, pa.Table) else pa.table(rows)
 
 
 def check_lengths(tensors: dict[str, torch.Tensor], rows: pa.Table) -> int:
+    """Number of rows, after checking that every tensor has one entry per row and no column shadows the index."""
     if not tensors:
-        raise ValueError("write_shards needs at least one tensor")
+        raise ValueError("a shard set needs at least one tensor")
     for key, t in tensors.items():
         if t.dim() == 0 or t.shape[0] != rows.num_rows:
             n = t.shape[0] if t.dim() else "a scalar"
@@ -116,69 +140,169 @@ def check_lengths(tensors: dict[str, torch.Tensor], rows: pa.Table) -> int:
     clash = [c for c in rows.column_names if c in RESERVED]
     if clash:
         raise ValueError(f"rows columns {clash} clash with index columns {list(RESERVED)}")
+    if rows.num_rows == 0:  # an empty set would have no index part, i.e. read back as "not written yet"
+        raise ValueError("a shard needs at least one row")
     return rows.num_rows
+
+
+def existing_digest(storage: Storage, rel: str) -> str | None:
+    """sha256 of the file at `rel`, or None when there is none (a single read: no separate, cacheable exists())."""
+    try:
+        return sha256(storage.fs.cat_file(storage.path(rel)))
+    except FileNotFoundError:
+        return None
+
+
+def index_part(tensors: dict[str, torch.Tensor], rows: pa.Table, shard: int, first_row: int, digest: str) -> pa.Table:
+    """Index rows of one shard; dtype and shape (per row, i.e. without dim 0) are JSON {key: ...} strings."""
+    n, keys = rows.num_rows, sorted(tensors)
+    dtype = json.dumps({k: str(tensors[k].dtype).removeprefix("torch.") for k in keys})
+    shape = json.dumps({k: list(tensors[k].shape[1:]) for k in keys})
+    return pa.table({
+        "row": pa.array(range(first_row, first_row + n), pa.int64()),
+        "shard": pa.array([shard] * n, pa.int32()),
+        "shard_row": pa.array(range(n), pa.int32()),
+        **{c: rows.column(c) for c in rows.column_names},
+        "dtype": pa.array([dtype] * n, pa.string()),
+        "shape": pa.array([shape] * n, pa.string()),
+        "sha256": pa.array([digest] * n, pa.string()),
+    })
+
+
+def write_shard(storage: Storage, name: str, shard: int, tensors: dict[str, torch.Tensor], rows: pa.Table | dict,
+                first_row: int) -> pa.Table:
+    """Write `name/shard-NNNNN.safetensors`, then its index part `name/index/shard-NNNNN.parquet`; returns the part.
+
+    Touches only this shard's two files, so separate processes (one per partition) can write a set in any order.
+    The part comes second, so a crash in between leaves a shard that readers treat as not written; the re-run
+    skips the shard file when its bytes already match and just writes the missing part.
+    """
+    if shard < 0 or first_row < 0:
+        raise ValueError(f"shard and first_row must be >= 0, got shard={shard}, first_row={first_row}")
+    rows = as_table(rows)
+    check_lengths(tensors, rows)
+    rel, data = shard_name(name, shard), shard_bytes(tensors)
+    digest = sha256(data)
+    if existing_digest(storage, rel) != digest:
+        storage.write_bytes_atomic(rel, data)
+    part = index_part(tensors, rows, shard, first_row, digest)
+    storage.write_table(shard_index_name(name, shard), part)
+    return part
 
 
 def write_shards(storage: Storage, name: str, tensors: dict[str, torch.Tensor], rows: pa.Table | dict,
                  shard_size: int, progress: bool = True) -> pa.Table:
-    """Split tensors along dim 0 into `name/shard-NNNNN.safetensors`, then write `name/index.parquet` last.
+    """Split tensors along dim 0 into shards of `shard_size` rows (shard k starts at row k * shard_size) and write
+    each with write_shard; returns the whole index.
 
-    A shard whose existing bytes already hash to what would be written is skipped, so re-running a stage only
-    rewrites missing or damaged shards. Returns the index table.
+    Index parts left by an earlier, longer run are deleted first, since readers would otherwise take them as part
+    of this set (before any new shard, so an interrupted run reads as incomplete rather than as a stale mix).
     """
-    rows = rows if isinstance(rows, pa.Table) else pa.table(rows)
+    rows = as_table(rows)
     n = check_lengths(tensors, rows)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    starts = range(0, n, shard_size)
-    digests = []
-    for shard, start in enumerate(tqdm(starts, desc=f"write {name}", disable=not progress)):
-        rel, data = shard_name(name, shard), shard_bytes(tensors, start, min(start + shard_size, n))
-        digests.append(sha256(data))
-        if not (storage.exists(rel) and sha256(storage.read_bytes(rel)) == digests[-1]):
-            storage.write_bytes_atomic(rel, data)
-    row = torch.arange(n)
-    shard_of_row = (row // shard_size).tolist()
-    keys = sorted(tensors)
-    dtype = json.dumps({k: str(tensors[k].dtype).removeprefix("torch.") for k in keys})
-    shape = json.dumps({k: list(tensors[k].shape[1:]) for k in keys})  # per-row shape, i.e. without dim 0
-    index = pa.table({
-        "row": pa.array(row.tolist(), pa.int64()),
-        "shard": pa.array(shard_of_row, pa.int32()),
-        "shard_row": pa.array((row % shard_size).tolist(), pa.int32()),
-        **{c: rows.column(c) for c in rows.column_names},
-        "dtype": pa.array([dtype] * n, pa.string()),
-        "shape": pa.array([shape] * n, pa.string()),
-        "sha256": pa.array([digests[s] for s in shard_of_row], pa.string()),
-    })
-    storage.write_table(f"{name}/{INDEX}", index)
+    n_shards = (n + shard_size - 1) // shard_size
+    for stale in (s for s in index_parts(storage, name) if s >= n_shards):
+        storage.remove(shard_index_name(name, stale))
+    parts = []
+    for shard in tqdm(range(n_shards), desc=f"write {name}", disable=not progress):
+        start = shard * shard_size
+        stop = min(start + shard_size, n)
+        parts.append(write_shard(storage, name, shard, {k: t[start:stop] for k, t in tensors.items()},
+                                 rows.slice(start, stop - start), first_row=start))
+    return pa.concat_tables(parts)
+
+
+def shard_complete(storage: Storage, name: str, shard: int) -> bool:
+    """Whether a shard is written and intact: its index part exists and the shard file's sha256 matches it.
+
+    Lets a partitioned stage skip its expensive work for done shards and redo a crashed or corrupted one.
+    """
+    try:
+        part = storage.read_table(shard_index_name(name, shard))
+    except FileNotFoundError:
+        return False
+    return part.num_rows > 0 and existing_digest(storage, shard_name(name, shard)) == part.column("sha256")[0].as_py()
+
+
+def index_parts(storage: Storage, name: str) -> list[int]:
+    """Sorted ids of the shards that have an index part, i.e. that are completely written.
+
+    s3fs caches listings and other processes add parts behind its back, so the cache for name/index (and, by
+    s3fs's invalidate_cache, its parents) is dropped first.
+    """
+    storage.fs.invalidate_cache(storage.path(name, INDEX_DIR))
+    paths = storage.fs.glob(storage.path(name, INDEX_DIR, "shard-*.parquet"))
+    return sorted(int(m.group(1)) for m in map(PART_RE.search, paths) if m)
+
+
+def column_types(schema: pa.Schema) -> dict[str, str]:
+    return dict(zip(schema.names, map(str, schema.types)))
+
+
+def concat_parts(storage: Storage, name: str, parts: dict[int, pa.Table]) -> pa.Table:
+    """One index from the parts, sorted by row; parts must agree on columns and must not overlap in rows.
+
+    Each part is written by its own process, so these are checked here rather than trusted.
+    """
+    first = min(parts)
+    for shard, part in parts.items():
+        if not part.schema.equals(parts[first].schema):
+            raise ValueError(f"{storage.path(shard_index_name(name, shard))} has columns {column_types(part.schema)} "
+                             f"but {storage.path(shard_index_name(name, first))} has "
+                             f"{column_types(parts[first].schema)}: the shards were written with different rows "
+                             f"columns; write them again consistently")
+    index = pa.concat_tables(list(parts.values())).sort_by("row")
+    if pc.count_distinct(index.column("row")).as_py() != index.num_rows:
+        raise ValueError(f"index parts in {storage.path(name, INDEX_DIR)} overlap (repeated row numbers), e.g. left "
+                         f"by a run with another shard_size; delete {storage.path(name)} and write the set again")
     return index
 
 
-def read_index(storage: Storage, name: str, hint: str | None = None) -> pa.Table:
-    hint = hint or f"shard set {name!r} has not been written yet (run the stage that produces it first)"
-    return storage.read_table(f"{name}/{INDEX}", hint=hint)
+def read_index(storage: Storage, name: str, hint: str | None = None, expected_shards: int | None = None) -> pa.Table:
+    """The shard set's index: every part under name/index/, concatenated in row order.
+
+    With `expected_shards`, shards 0..expected_shards-1 must all have a part (otherwise FileNotFoundError naming
+    the missing ids, so a partitioned run says which partitions to run) and parts beyond that range are ignored.
+    Without it, whatever shards are complete so far are returned.
+    """
+    where = storage.path(name, INDEX_DIR)
+    found = index_parts(storage, name)
+    if not found:
+        hint = hint or f"shard set {name!r} has not been written yet (run the stage that produces it first)"
+        raise FileNotFoundError(f"{where} has no index parts (shard-*.parquet): {hint}")
+    if expected_shards is not None:
+        missing = sorted(set(range(expected_shards)) - set(found))
+        if missing:
+            hint = hint or f"shard set {name!r} is incomplete (run the stage that produces it for those shards)"
+            raise FileNotFoundError(f"{where} has no index part for shard(s) {', '.join(map(str, missing))} "
+                                    f"of {expected_shards}: {hint}")
+        found = [s for s in found if s < expected_shards]
+    return concat_parts(storage, name, {s: storage.read_table(shard_index_name(name, s)) for s in found})
 
 
 def shard_digests(index: pa.Table) -> dict[int, str]:
-    """{shard: sha256} from the index (each shard's digest is repeated on all of its rows)."""
+    """{shard: sha256} in order of first appearance in the index (each shard's digest is on all of its rows)."""
     return dict(zip(index.column("shard").to_pylist(), index.column("sha256").to_pylist()))
 
 
 def read_shards(storage: Storage, name: str, keys: list[str] | None = None, shards: list[int] | None = None,
-                hint: str | None = None, progress: bool = True) -> tuple[dict[str, torch.Tensor], pa.Table]:
+                hint: str | None = None, progress: bool = True,
+                expected_shards: int | None = None) -> tuple[dict[str, torch.Tensor], pa.Table]:
     """Load (a subset of keys / shards of) a shard set, checking every shard's sha256 against the index.
 
     Returns the tensors concatenated in row order and the matching rows of the index.
     """
-    index = read_index(storage, name, hint)
+    index = read_index(storage, name, hint, expected_shards)
     if shards is not None:
         index = index.filter(pc.is_in(index.column("shard"), pa.array(shards, pa.int32())))
-    index = index.sort_by("row")
     parts: dict[str, list[torch.Tensor]] = {}
-    for shard, digest in tqdm(sorted(shard_digests(index).items()), desc=f"read {name}", disable=not progress):
+    # shards in the order their rows appear (not by id), so the tensors line up with the row-sorted index
+    for shard, digest in tqdm(shard_digests(index).items(), desc=f"read {name}", disable=not progress):
         rel = shard_name(name, shard)
-        data = storage.read_bytes(rel, hint=f"listed in {storage.path(name, INDEX)}; re-run write_shards")
+        data = storage.read_bytes(rel, hint=f"listed in {storage.path(shard_index_name(name, shard))}; "
+                                            f"re-run write_shard for shard {shard}")
         if sha256(data) != digest:
             raise ValueError(f"shard {storage.path(rel)} is corrupted or truncated: "
                              f"sha256 {sha256(data)} != index {digest}")
@@ -190,12 +314,13 @@ def read_shards(storage: Storage, name: str, keys: list[str] | None = None, shar
     return {k: torch.cat(v) for k, v in parts.items()}, index
 
 
-def verify_shards(storage: Storage, name: str, progress: bool = True) -> list[str]:
+def verify_shards(storage: Storage, name: str, progress: bool = True,
+                  expected_shards: int | None = None) -> list[str]:
     """Full paths of shards that are missing or whose sha256 differs from the index (empty when all are good)."""
     bad = []
-    digests = sorted(shard_digests(read_index(storage, name)).items())
+    digests = sorted(shard_digests(read_index(storage, name, expected_shards=expected_shards)).items())
     for shard, digest in tqdm(digests, desc=f"verify {name}", disable=not progress):
         rel = shard_name(name, shard)
-        if not storage.exists(rel) or sha256(storage.read_bytes(rel)) != digest:
+        if existing_digest(storage, rel) != digest:
             bad.append(storage.path(rel))
     return bad

@@ -169,8 +169,9 @@ _env_tracking_uri = tracking_uri  # `start_run` has a parameter of the same name
 
 @contextmanager
 def start_run(experiment: str, run_name: str | None = None, tracking_uri: str | None = None,
-              artifact_location: str | None = None) -> Iterator[Run]:
-    """Point tracking and the registry at one URI, select (or create) `experiment` and run inside it.
+              artifact_location: str | None = None, run_id: str | None = None) -> Iterator[Run]:
+    """Point tracking and the registry at one URI, select (or create) `experiment` and run inside it
+    (`run_id` resumes an existing run, e.g. evaluation logging onto its training run).
 
     `artifact_location` is used only when the experiment is created here; without it MLflow puts artifacts
     under `./mlruns` of the working directory.
@@ -183,7 +184,7 @@ def start_run(experiment: str, run_name: str | None = None, tracking_uri: str | 
     experiment_id = (found.experiment_id if found is not None
                      else client.create_experiment(experiment, artifact_location=artifact_location))
     mlflow.set_experiment(experiment_id=experiment_id)
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         yield run
 
 
@@ -219,3 +220,12 @@ def history_metrics(history: list[dict], prefix: str, timestamp_ms: int) -> list
             name = f"{prefix}/{key}" if prefix else key
             metrics.append(Metric(key=name, value=float(value), timestamp=timestamp_ms, step=step))
     return metrics
+
+
+def log_png(png: bytes, name: str) -> None:
+    """Log PNG bytes as an artifact of the active run under `name`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            f.write(png)
+        mlflow.log_artifact(path)

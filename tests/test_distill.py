@@ -6,7 +6,7 @@ import torch
 from stitchvm.config import TrainConfig
 from stitchvm.distill import (TeacherTargets, build_optimizer, distillation_loss, finetune, teacher_targets,
                               trivial_loss)
-from stitchvm.evaluate import EvalSet, evaluate
+from stitchvm.evaluate import EvalSet, evaluate, noise_grid
 from stitchvm.flow import forward_noise
 from stitchvm.latent_fields import round_robin_prompts, smooth_latents
 from stitchvm.ranking import spearman_within_groups
@@ -59,7 +59,9 @@ def test_training_learns_the_value(backbone, reward):
     # the spread check: within one prompt, teacher scores differ by far more than float noise
     assert min(teacher[ids == k].std().item() for k in range(4)) > 0.1
 
-    result = search_stitch(backbone, reward, z_train[:128], 4, 32, gen, progress=False)
+    t_probe = torch.rand(128, generator=gen)
+    z_probe = forward_noise(z_train[:128], t_probe, torch.randn(z_train[:128].shape, generator=gen))
+    result = search_stitch(backbone, reward, z_train[:128], z_probe, t_probe, 4, 32, progress=False)
     model = stitched_from_search(backbone, reward, result)
     t = torch.full((64,), 0.1)
     z_t = forward_noise(z_eval, t, torch.randn(z_eval.shape, generator=gen))
@@ -108,7 +110,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, backbone, reward, gen):
 def test_evaluation_rows_and_floor(backbone, reward, gen):
     model = StitchedValueModel(backbone, reward, 2, 1)
     data = EvalSet(latents(backbone, 8, gen), round_robin_prompts(2, 4), PROMPTS[:2])
-    report = evaluate(model, backbone, reward, data, (0.25, 0.75), seed=0, batch_size=4, progress=False)
+    noisy = noise_grid(data.z0, (0.25, 0.75), gen)
+    report = evaluate(model, backbone, reward, data, noisy, batch_size=4, progress=False)
     assert [(r["sigma"], r["method"]) for r in report["eval"]] == [
         (0.25, "stitchvm"), (0.25, "tweedie"), (0.75, "stitchvm"), (0.75, "tweedie")]
     for row in report["eval"]:
@@ -121,6 +124,7 @@ def test_tweedie_at_sigma_zero_is_the_teacher(backbone, reward, gen):
     """At σ = 0, ẑ0 = z0 exactly, so the Tweedie baseline must reproduce the teacher perfectly."""
     model = StitchedValueModel(backbone, reward, 2, 1)
     data = EvalSet(smooth_latents(8, 4, 16, gen), round_robin_prompts(2, 4), PROMPTS[:2])
-    row = evaluate(model, backbone, reward, data, (0.0,), seed=0, batch_size=8, progress=False)["eval"][1]
+    row = evaluate(model, backbone, reward, data, noise_grid(data.z0, (0.0,), gen), batch_size=8,
+                   progress=False)["eval"][1]
     assert row["method"] == "tweedie"
     assert row["spearman"] == pytest.approx(1.0) and row["distill_loss"] < 1e-9

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from stitchvm.flow import forward_noise
 from stitchvm.search import NormalEquations, search_stitch, stitched_from_search
 from stitchvm.stitching import map_to_tokens, resample, tokens_to_map
 
@@ -22,7 +23,9 @@ def test_recovers_a_planted_linear_map_streaming(gen):
 
 def test_search_table_and_init(backbone, reward, gen):
     z0 = latents(backbone, 24, gen)
-    result = search_stitch(backbone, reward, z0, j_max=2, batch_size=10, generator=gen, progress=False)
+    t = torch.rand(24, generator=gen)
+    z_t = forward_noise(z0, t, torch.randn(z0.shape, generator=gen))
+    result = search_stitch(backbone, reward, z0, z_t, t, j_max=2, batch_size=10, progress=False)
     assert len(result.table) == backbone.depth * 2
     assert {(r["i"], r["j"]) for r in result.table} == {(i, j) for i in range(1, 7) for j in (1, 2)}
     best = min(result.table, key=lambda r: r["error"])
@@ -41,5 +44,8 @@ def test_search_table_and_init(backbone, reward, gen):
 
 
 def test_j_max_beyond_reward_depth(backbone, reward, gen):
+    z0 = latents(backbone, 2, gen)
     with pytest.raises(ValueError, match="reward block j=9 is out of range"):
-        search_stitch(backbone, reward, latents(backbone, 2, gen), j_max=9, batch_size=2, generator=gen)
+        search_stitch(backbone, reward, z0, z0, torch.ones(2), j_max=9, batch_size=2)
+    with pytest.raises(ValueError, match="probe sizes differ: 2 clean latents, 2 noisy latents, 1 times"):
+        search_stitch(backbone, reward, z0, z0, torch.ones(1), j_max=1, batch_size=2)

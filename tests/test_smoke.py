@@ -9,13 +9,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
-    "data": {"prompts": ["a red square", "a blue square"], "train_images_per_prompt": 16,
-             "eval_images_per_prompt": 4},
-    "search": {"probe_size": 16, "j_max": 2, "batch_size": 8},
+    "prompts": {"train": 2, "val": 0, "test": 2},
+    "samples": {"source": "smooth", "per_prompt": 8},
+    "noisy": {"probe_size": 16, "sigmas": [0.1, 0.5, 0.9]},
+    "search": {"j_max": 2, "batch_size": 8},
     "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 10},
-    "eval": {"sigmas": [0.1, 0.5, 0.9], "batch_size": 8},
+    "evaluate": {"batch_size": 8},
 }
-
 
 def _smoke(tmp_path: Path, params: dict, name: str) -> subprocess.CompletedProcess:
     f = tmp_path / f"{name}.yaml"

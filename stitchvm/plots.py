@@ -1,0 +1,59 @@
+"""Figures people would rather look at than read: search heatmap, training curve, value quality vs σ (PNG bytes)."""
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def search_heatmap(table: list[dict], chosen: tuple[int, int]) -> bytes:
+    """Normalised least-squares error for every (backbone block i, reward block j); the chosen pair boxed."""
+    i_max, j_max = max(r["i"] for r in table), max(r["j"] for r in table)
+    grid = [[float("nan")] * i_max for _ in range(j_max)]
+    for r in table:
+        grid[r["j"] - 1][r["i"] - 1] = r["error"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * i_max + 2), 0.5 * j_max + 1.5))
+    im = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower",
+                   extent=(0.5, i_max + 0.5, 0.5, j_max + 0.5))
+    ax.add_patch(plt.Rectangle((chosen[0] - 0.5, chosen[1] - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    ax.set_xlabel("backbone block i")
+    ax.set_ylabel("reward block j")
+    ax.set_title("stitch search: normalised LS error")
+    fig.colorbar(im, ax=ax)
+    return _png(fig)
+
+
+def training_curve(history: list[dict]) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in history]
+    for key in ("loss", "embed", "tokens", "score"):
+        if history and key in history[0]:
+            ax.plot(steps, [r[key] for r in history], label=key, lw=1)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("distillation loss")
+    return _png(fig)
+
+
+def value_vs_sigma(rows: list[dict], metrics=("spearman_within_prompt", "spearman", "distill_loss")) -> bytes:
+    metrics = [m for m in metrics if any(m in r for r in rows)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.3))
+    for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["sigma"], r[metric]) for r in rows if r["method"] == method]
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xlabel("σ")
+        ax.set_title(metric)
+        ax.legend()
+    return _png(fig)

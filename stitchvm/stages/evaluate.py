@@ -1,0 +1,84 @@
+"""Stage `evaluate`: the trained value model vs the Tweedie baseline on the stored noisy test latents.
+
+Writes `reports/eval.json` (DVC metrics), `reports/eval_plot.json` + `reports/eval.png` (value quality vs σ), logs them
+to the training's MLflow run, and promotes the registered version to `champion` when the gate in params passes.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .. import plots
+from ..config import Params
+from ..evaluate import EvalSet, evaluate
+from ..storage import read_shards
+from ..value_model import StitchedValueModel
+from .runtime import Paths, models, needs
+from .upstream import EVAL, read_prompts, read_split, read_train_summary, value_model_dir
+
+
+def gate(report: dict, params: Params) -> dict:
+    cfg = params.evaluate
+    (row,) = [r for r in report["eval"] if r["method"] == "stitchvm" and r["sigma"] == cfg.gate_sigma]
+    checks = {
+        "spearman_within_prompt": row["spearman_within_prompt"] >= cfg.min_spearman_within_prompt,
+        "loss_below_trivial": row["distill_loss"] <= cfg.max_loss_ratio * report["trivial_loss"],
+    }
+    return {"sigma": cfg.gate_sigma, "checks": checks, "passed": all(checks.values())}
+
+
+def plot_rows(rows: list[dict]) -> list[dict]:
+    """One row per σ with a column per method: the shape DVC's linear plot template reads."""
+    out: dict[float, dict] = {}
+    for r in rows:
+        out.setdefault(r["sigma"], {"sigma": r["sigma"]})[r["method"]] = r["spearman_within_prompt"]
+    return list(out.values())
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    storage = paths.storage()
+    backbone, reward = models(params)
+    z0, index, teacher, _ = read_split(storage, params, "test", labels=True)
+    prompts = read_prompts(storage)
+    test_prompts = [p for p, s in zip(prompts.column("prompt").to_pylist(), prompts.column("split").to_pylist())
+                    if s == "test"]
+    position = {p: k for k, p in enumerate(test_prompts)}
+    data = EvalSet(z0, torch.tensor([position[p] for p in index.column("prompt").to_pylist()]), test_prompts)
+    noisy_t, noisy_index = read_shards(storage, EVAL, progress=False, hint=needs("noisy"))
+    sigmas = noisy_index.column("sigma").to_pylist()
+    noisy = {s: noisy_t["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])] for s in dict.fromkeys(sigmas)}
+    model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
+                                               device=backbone.device)
+    report = evaluate(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,
+                      teacher=teacher, progress=progress)
+    report["gate"] = gate(report, params)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    (paths.reports / "eval.json").write_text(json.dumps(report, indent=2))
+    (paths.reports / "eval_plot.json").write_text(json.dumps(plot_rows(report["eval"]), indent=2))
+    png = plots.value_vs_sigma(report["eval"])
+    (paths.reports / "eval.png").write_bytes(png)
+    if paths.track:
+        report["mlflow"] = track_evaluation(params, storage, report, png)
+    return report
+
+
+def track_evaluation(params: Params, storage, report: dict, png: bytes) -> dict:
+    from .. import tracking
+
+    summary = read_train_summary(storage)
+    if summary.get("run_id") is None:
+        return {"logged": False, "reason": "the train stage ran without MLflow tracking"}
+    cfg = params.mlflow
+    with tracking.start_run(cfg.experiment, tracking_uri=cfg.tracking_uri, run_id=summary["run_id"]):
+        import mlflow
+
+        mlflow.log_metrics({f"eval/{r['method']}/{k}@{r['sigma']}": v for r in report["eval"]
+                            for k, v in r.items() if k not in ("sigma", "method") and isinstance(v, float)})
+        mlflow.log_dict(report, "eval.json")
+        tracking.log_png(png, "eval.png")
+    out = {"logged": True, "run_id": summary["run_id"], "model_version": summary["model_version"], "champion": False}
+    if report["gate"]["passed"]:
+        tracking.promote(cfg.registered_model, summary["model_version"], "champion")
+        out["champion"] = True
+    return out

@@ -1,0 +1,53 @@
+"""Stage `prompts`: train / val / test prompts, deterministic under the seed → `prompts.parquet`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..config import Params
+from .runtime import Paths
+from .upstream import PROMPTS
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+SHAPES = ("square", "circle", "triangle")
+# A built-in list suited to CLIP-style rewards: attribute-object captions of simple scenes.
+BUILTIN = tuple(f"a {c} {s}" for c in COLOURS for s in SHAPES)
+
+
+def read_source(source: str) -> list[str]:
+    if source == "builtin":
+        return list(BUILTIN)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt source {path} does not exist (prompts.source)")
+    if path.suffix == ".txt":
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        table = pq.read_table(path)
+        if "prompt" not in table.column_names:
+            raise ValueError(f"{path} has no column 'prompt' (columns: {table.column_names})")
+        prompts = [str(p) for p in table.column("prompt").to_pylist()]
+    return list(dict.fromkeys(prompts))  # unique, in order
+
+
+def split_prompts(prompts: list[str], train: int, val: int, test: int, seed: int) -> pa.Table:
+    need = train + val + test
+    if len(prompts) < need:
+        raise ValueError(f"the prompt source has {len(prompts)} unique prompts, the splits need {need} "
+                         f"(prompts.train + prompts.val + prompts.test)")
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:need].tolist()
+    splits = ["train"] * train + ["val"] * val + ["test"] * test
+    return pa.table({"prompt_id": pa.array(range(need), pa.int32()),
+                     "prompt": [prompts[k] for k in order], "split": splits})
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    p = params.prompts
+    table = split_prompts(read_source(p.source), p.train, p.val, p.test, params.seed)
+    storage = paths.storage()
+    storage.write_table(PROMPTS, table)
+    return {"path": storage.path(PROMPTS), "rows": table.num_rows,
+            "splits": {s: table.column("split").to_pylist().count(s) for s in ("train", "val", "test")}}

@@ -1,0 +1,52 @@
+"""What every stage needs at run time: where outputs live, the models, and readable errors for missing inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..backbone import Backbone, build_backbone
+from ..config import ModelSpec, Params, RewardSpec
+from ..reward import ClipReward, build_reward
+from ..storage import Storage, open_root
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Stage outputs go to `root` (local or s3://); reports and training checkpoints stay on local disk."""
+
+    root: str
+    storage_options: dict | None = None
+    reports: Path = Path("reports")
+    checkpoints: Path = Path("checkpoints")
+    track: bool = True  # log to MLflow (the smoke run turns it off)
+
+    @classmethod
+    def from_params(cls, params: Params, **overrides) -> "Paths":
+        return cls(root=params.storage.root, storage_options=params.storage.options, **overrides)
+
+    def storage(self) -> Storage:
+        return open_root(self.root, self.storage_options)
+
+
+def needs(stage: str) -> str:
+    """The hint attached to a missing upstream output."""
+    return f"run the `{stage}` stage first (python -m stitchvm {stage})"
+
+
+@lru_cache(maxsize=4)
+def _backbone(spec: ModelSpec, device: str) -> Backbone:
+    return build_backbone(spec, device)
+
+
+@lru_cache(maxsize=4)
+def _reward(spec: RewardSpec, device: str) -> ClipReward:
+    return build_reward(spec, device)
+
+
+def models(params: Params, device: str | None = None) -> tuple[Backbone, ClipReward]:
+    """The backbone and reward of the params, built once per process (stages share them in-process)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _backbone(params.backbone, device), _reward(params.reward, device)

@@ -1,0 +1,74 @@
+"""Stage `samples`: N clean latents per prompt → safetensors shards + Parquet index (one Dagster partition a shard).
+
+`pipeline`: the backbone's own flow-matching Euler sampler with CFG, one seeded generator per sample, so a sample
+does not depend on how samples are batched or sharded. `smooth`: smooth latent fields (the random-weight testbed).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from ..backbone import Backbone
+from ..config import Params
+from ..latent_fields import smooth_latents
+from ..storage import shard_complete, write_shard
+from .runtime import Paths, models
+from .upstream import SAMPLES, num_shards, read_prompts
+
+
+def sample_seed(seed: int, sample_id: int) -> int:
+    return seed * 2**32 + sample_id
+
+
+def sample_rows(params: Params, prompts: pa.Table) -> pa.Table:
+    """One row per sample: every prompt (in prompt_id order) × `per_prompt`."""
+    n = params.samples.per_prompt
+    ids = prompts.column("prompt_id").to_pylist()
+    text, split = prompts.column("prompt").to_pylist(), prompts.column("split").to_pylist()
+    rows = [(k * n + s, pid, text[k], split[k]) for k, pid in enumerate(ids) for s in range(n)]
+    return pa.table({
+        "sample_id": pa.array([r[0] for r in rows], pa.int64()),
+        "prompt_id": pa.array([r[1] for r in rows], pa.int32()),
+        "prompt": [r[2] for r in rows],
+        "split": [r[3] for r in rows],
+        "seed": pa.array([sample_seed(params.seed, r[0]) for r in rows], pa.int64()),
+    })
+
+
+def generate(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor:
+    """(n, C, h, w) clean latents for `rows`."""
+    cfg = params.samples
+    seeds = rows.column("seed").to_pylist()
+    size = backbone.image_size // backbone.vae_scale
+    if cfg.source == "smooth":
+        return torch.cat([smooth_latents(1, backbone.latent_channels, size, torch.Generator().manual_seed(s))
+                          for s in seeds])
+    pipe = backbone.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    prompts = rows.column("prompt").to_pylist()
+    out = []
+    for start in range(0, len(seeds), cfg.batch_size):
+        batch = slice(start, start + cfg.batch_size)
+        gens = [torch.Generator(backbone.device).manual_seed(s) for s in seeds[batch]]
+        with torch.no_grad():
+            latents = pipe(prompt=prompts[batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                           generator=gens, height=backbone.image_size, width=backbone.image_size,
+                           output_type="latent").images
+        out.append(latents.float().cpu())
+    return torch.cat(out)
+
+
+def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:
+    storage = paths.storage()
+    rows = sample_rows(params, read_prompts(storage))
+    size, todo = params.storage.shard_size, shards if shards is not None else range(num_shards(params))
+    backbone, _ = models(params)
+    written = []
+    for shard in tqdm(todo, desc="samples", disable=not progress):
+        if shard_complete(storage, SAMPLES, shard):
+            continue
+        part = rows.slice(shard * size, size)
+        write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size)
+        written.append(shard)
+    return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written}

@@ -1,0 +1,30 @@
+"""Stage `search`: the (i, j) error table, its heatmap, and the chosen pair's least-squares initialisation."""
+from __future__ import annotations
+
+import pyarrow as pa
+from safetensors.torch import save as save_safetensors
+
+from .. import plots
+from ..config import Params
+from ..search import search_stitch
+from ..storage import read_shards
+from .runtime import Paths, models, needs
+from .upstream import PROBE, SEARCH, latents_for
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    storage = paths.storage()
+    backbone, reward = models(params)
+    probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"))
+    z0 = latents_for(storage, params, index.column("sample_id").to_pylist())
+    result = search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max,
+                           params.search.batch_size, progress)
+    storage.write_table(f"{SEARCH}/table.parquet", pa.Table.from_pylist(result.table))
+    storage.write_bytes_atomic(f"{SEARCH}/init.safetensors", save_safetensors(
+        {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(),
+         "class_token": result.class_token.contiguous()}))
+    storage.write_bytes_atomic(f"{SEARCH}/heatmap.png", plots.search_heatmap(result.table, (result.i, result.j)))
+    storage.write_json(f"{SEARCH}/result.json", result.to_json())  # last: marks the stage complete
+    best = min(r["error"] for r in result.table)
+    return {"pair": {"i": result.i, "j": result.j}, "error": best, "path": storage.path(SEARCH),
+            "table": result.table}

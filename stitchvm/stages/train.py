@@ -1,0 +1,75 @@
+"""Stage `train`: finetune the stitched model from the search's initialisation; log and register it in MLflow."""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from .. import plots
+from ..config import Params, to_dict
+from ..distill import finetune
+from ..search import stitched_from_search
+from .runtime import Paths, models
+from .upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
+
+
+def checkpoint_dir(params: Params, paths: Paths) -> Path:
+    """Checkpoints are keyed by everything that shapes the run, so a resume never mixes two configurations."""
+    key = json.dumps([to_dict(params.train), to_dict(params.backbone), to_dict(params.reward), params.seed,
+                      paths.root], sort_keys=True)
+    return paths.checkpoints / f"train-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def flat_params(params: Params) -> dict:
+    out = {}
+    for section, values in to_dict(params).items():
+        for k, v in values.items() if isinstance(values, dict) else [("", values)]:
+            out[f"{section}.{k}" if k else section] = v
+    return out
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    storage = paths.storage()
+    backbone, reward = models(params)
+    z0, _, targets, _ = read_split(storage, params, "train", labels=True)
+    model = stitched_from_search(backbone, reward, read_search(storage))
+    start = time.perf_counter()
+    history = finetune(model, z0, targets, params.train, params.seed, checkpoint_dir(params, paths), progress)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            storage.write_bytes_atomic(f"{VALUE_MODEL}/{f.name}", f.read_bytes())
+    curve = plots.training_curve(history)
+    storage.write_bytes_atomic("train/curve.png", curve)
+    summary = {"steps": params.train.steps, "seconds": round(seconds, 3),
+               "samples_per_s": round(len(history) * params.train.batch_size / max(seconds, 1e-9), 2),
+               "first_loss": history[0]["loss"] if history else None,
+               "final_loss": history[-1]["loss"] if history else None,
+               "pair": {"i": model.i, "j": model.j}, "path": storage.path(VALUE_MODEL),
+               "run_id": None, "model_version": None}
+    if paths.track:
+        summary.update(track_training(params, model, history, summary, storage.read_bytes(f"{SEARCH}/heatmap.png"),
+                                      curve))
+    storage.write_json(TRAIN_SUMMARY, summary)
+    return summary
+
+
+def track_training(params: Params, model, history: list[dict], summary: dict, heatmap: bytes, curve: bytes) -> dict:
+    from .. import tracking  # mlflow is imported only where a run is tracked
+
+    cfg = params.mlflow
+    with tracking.start_run(cfg.experiment, run_name="train", tracking_uri=cfg.tracking_uri) as run:
+        import mlflow
+
+        mlflow.log_params(flat_params(params))
+        tracking.log_history(history, prefix="train")
+        mlflow.log_metrics({"train/seconds": summary["seconds"], "train/samples_per_s": summary["samples_per_s"]})
+        tracking.log_png(heatmap, "search_heatmap.png")
+        tracking.log_png(curve, "training_curve.png")
+        version = tracking.log_value_model(model, registered_name=cfg.registered_model, alias="candidate")
+        return {"run_id": run.info.run_id, "model_version": str(version.version),
+                "tracking_uri": mlflow.get_tracking_uri()}
+

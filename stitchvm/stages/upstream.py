@@ -1,0 +1,88 @@
+"""Reading upstream stage outputs; every missing input names the stage to run first."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from safetensors.torch import load as load_safetensors
+
+from ..config import Params
+from ..distill import TeacherTargets
+from ..search import SearchResult
+from ..storage import Storage, read_shards
+from .runtime import needs
+
+PROMPTS = "prompts.parquet"
+SAMPLES, LABELS = "samples", "labels"
+PROBE, EVAL = "noisy/probe", "noisy/eval"
+SEARCH, VALUE_MODEL = "search", "value_model"
+TRAIN_SUMMARY = "train/summary.json"
+
+
+def num_shards(params: Params) -> int:
+    """Shards of `samples` and `labels`: known from params alone, so Dagster can declare the partitions up front."""
+    p = params.prompts
+    rows = (p.train + p.val + p.test) * params.samples.per_prompt
+    return -(-rows // params.storage.shard_size)
+
+
+def read_prompts(storage: Storage) -> pa.Table:
+    return storage.read_table(PROMPTS, hint=needs("prompts"))
+
+
+def _rows_where(index: pa.Table, column: str, values) -> torch.Tensor:
+    mask = pc.is_in(index.column(column), pa.array(values))
+    return torch.tensor(pc.indices_nonzero(mask).to_pylist(), dtype=torch.long)
+
+
+def read_split(storage: Storage, params: Params, split: str, labels: bool = False):
+    """Clean latents (N, C, H, W) and index rows of one split of `samples` (plus its teacher labels if asked)."""
+    n = num_shards(params)
+    tensors, index = read_shards(storage, SAMPLES, progress=False, hint=needs("samples"), expected_shards=n)
+    rows = _rows_where(index, "split", [split])
+    if len(rows) == 0:
+        raise ValueError(f"{storage.path(SAMPLES)} has no '{split}' samples (prompts.{split} is 0?)")
+    out = (tensors["latents"][rows], index.take(pa.array(rows.tolist())))
+    if not labels:
+        return out
+    lab, lab_index = read_shards(storage, LABELS, progress=False, hint=needs("labels"), expected_shards=n)
+    if lab_index.column("sample_id") != index.column("sample_id"):
+        raise ValueError(f"{storage.path(LABELS)} does not match {storage.path(SAMPLES)}: re-run `labels`")
+    target = TeacherTargets(lab["embeds"][rows], lab["tokens"][rows],
+                            lab["score"][rows] if params.reward.kind == "aesthetic" else None)
+    return (*out, target, lab["score"][rows])
+
+
+def latents_for(storage: Storage, params: Params, sample_ids: list[int]) -> torch.Tensor:
+    tensors, index = read_shards(storage, SAMPLES, keys=["latents"], progress=False, hint=needs("samples"),
+                                 expected_shards=num_shards(params))
+    position = {sid: k for k, sid in enumerate(index.column("sample_id").to_pylist())}
+    return tensors["latents"][torch.tensor([position[s] for s in sample_ids], dtype=torch.long)]
+
+
+def read_search(storage: Storage) -> SearchResult:
+    result = storage.read_json(f"{SEARCH}/result.json", hint=needs("search"))
+    init = load_safetensors(storage.read_bytes(f"{SEARCH}/init.safetensors", hint=needs("search")))
+    return SearchResult(table=result["search"], i=result["pair"]["i"], j=result["pair"]["j"],
+                        weight=init["weight"], bias=init["bias"], class_token=init["class_token"])
+
+
+def value_model_dir(storage: Storage) -> Path:
+    """A local folder holding the trained value model (downloaded first when the root is remote)."""
+    if storage.local:
+        path = Path(storage.path(VALUE_MODEL))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} holds no trained value model: {needs('train')}")
+        return path
+    tmp = Path(tempfile.mkdtemp(prefix="stitchvm-value-"))
+    for name in ("config.json", "model.safetensors"):
+        (tmp / name).write_bytes(storage.read_bytes(f"{VALUE_MODEL}/{name}", hint=needs("train")))
+    return tmp
+
+
+def read_train_summary(storage: Storage) -> dict:
+    return json.loads(storage.read_bytes(TRAIN_SUMMARY, hint=needs("train")))
