@@ -1,7 +1,9 @@
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import fsspec
 import pytest
 import torch
 
@@ -33,3 +35,30 @@ def gen():
 def latents(backbone, n, generator):
     size = backbone.image_size // backbone.vae_scale
     return torch.randn(n, backbone.latent_channels, size, size, generator=generator)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_options():
+    """A real local S3 server (moto) on 127.0.0.1 with a bucket named `bucket`; yields s3fs storage options."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    # no client_kwargs region_name: s3fs.mkdir would send it as LocationConstraint, which S3 rejects for
+    # us-east-1; the region comes from AWS_DEFAULT_REGION instead
+    options = {"key": "testing", "secret": "testing", "use_listings_cache": False,
+               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.setenv(var, "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        fsspec.filesystem("s3", **options).mkdir("bucket")
+        yield options
+    server.stop()

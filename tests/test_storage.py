@@ -1,6 +1,5 @@
 import hashlib
 import os
-import socket
 
 import fsspec
 import pyarrow as pa
@@ -292,32 +291,6 @@ def test_shorter_rerun_drops_stale_parts_and_inconsistent_parts_are_rejected(tmp
 
 
 # --- S3 against a real local moto server -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_options():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    # no client_kwargs region_name: s3fs.mkdir would send it as LocationConstraint, which S3 rejects for
-    # us-east-1; the region comes from AWS_DEFAULT_REGION instead
-    options = {"key": "testing", "secret": "testing", "use_listings_cache": False,
-               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            mp.setenv(var, "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        fsspec.filesystem("s3", **options).mkdir("bucket")
-        yield options
-    server.stop()
 
 
 def test_s3_round_trip_and_corruption(s3_options):
