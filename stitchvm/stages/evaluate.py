@@ -73,7 +73,7 @@ def track_evaluation(params: Params, storage, report: dict, png: bytes) -> dict:
     with tracking.start_run(cfg.experiment, tracking_uri=cfg.tracking_uri, run_id=summary["run_id"]):
         import mlflow
 
-        mlflow.log_metrics({f"eval/{r['method']}/{k}@{r['sigma']}": v for r in report["eval"]
+        mlflow.log_metrics({f"eval/{r['method']}/sigma_{r['sigma']}/{k}": v for r in report["eval"]
                             for k, v in r.items() if k not in ("sigma", "method") and isinstance(v, float)})
         mlflow.log_dict(report, "eval.json")
         tracking.log_png(png, "eval.png")
