@@ -76,8 +76,9 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    """`source`: `builtin` (a list suited to the reward) or a `.txt` (one prompt a line) / `.parquet` (column
-    `prompt`) file. Prompts are shuffled under the seed and split into train / val / test."""
+    """`source`: `builtin` (a list suited to the reward), a `.txt` (one prompt a line) / `.parquet` (column `prompt`)
+    file, or an image folder (its `metadata.jsonl` captions). Prompts are shuffled under the seed and split into
+    train / val / test."""
 
     source: str = "builtin"
     train: int = 8
@@ -85,25 +86,27 @@ class PromptsConfig:
     test: int = 4
 
     def __post_init__(self):
-        _check(self.source == "builtin" or self.source.endswith((".txt", ".parquet")),
-               f"source {self.source!r} is not 'builtin', a .txt or a .parquet file")
         _check(self.train >= 1 and self.test >= 1, "train and test need at least one prompt each")
         _check(self.val >= 0, "val must be >= 0")
 
 
 @dataclass(frozen=True)
 class SamplesConfig:
-    """Clean latents: `pipeline` (the backbone's own flow-matching Euler sampler with CFG) or `smooth` (smooth
-    latent fields, the testbed for random-weight models)."""
+    """Clean latents: `pipeline` (the backbone's own flow-matching Euler sampler with CFG), `images` (VAE-encoded
+    images of `image_folder`, `per_prompt` for each caption) or `smooth` (smooth latent fields, the testbed for
+    random-weight models)."""
 
     source: str = "pipeline"
+    image_folder: str | None = None
     per_prompt: int = 8
     steps: int = 10
     guidance_scale: float = 4.5
     batch_size: int = 16
 
     def __post_init__(self):
-        _check(self.source in ("pipeline", "smooth"), f"source {self.source!r} is not 'pipeline' or 'smooth'")
+        _check(self.source in ("pipeline", "images", "smooth"),
+               f"source {self.source!r} is not 'pipeline', 'images' or 'smooth'")
+        _check(self.source != "images" or self.image_folder is not None, "source 'images' needs image_folder")
         _check(self.per_prompt >= 2, "per_prompt must be >= 2 (within-prompt ranks)")
         _check(self.steps >= 1, "steps must be >= 1")
         _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")

@@ -114,3 +114,41 @@ def test_prompt_sources_and_splits(tmp_path):
         split_prompts(read_source(str(txt)), 2, 1, 1, seed=0)
     with pytest.raises(FileNotFoundError, match="nope.txt does not exist"):
         read_source(str(tmp_path / "nope.txt"))
+
+
+def test_image_folder_source(tmp_path, backbone):
+    """An imagefolder-layout folder serves as the prompt source and, VAE-encoded, as the clean latents."""
+    import numpy as np
+    from PIL import Image
+
+    from stitchvm.image_folder import load_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = []
+    for k, (text, colour) in enumerate([("a red square", (200, 30, 30)), ("a blue square", (30, 30, 200))]):
+        for m in range(3):
+            img = np.zeros((40, 48, 3), np.uint8)
+            img[5 + 3 * m:25, 8:30] = colour
+            Image.fromarray(img).save(folder / f"{k}{m}.png")
+            lines.append(json.dumps({"file_name": f"{k}{m}.png", "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    params = small_params(str(tmp_path / "data"), prompts={"source": str(folder), "train": 1, "val": 0, "test": 1},
+                          samples={"source": "images", "image_folder": str(folder), "per_prompt": 3})
+    paths = Paths.from_params(params, track=False)
+    stage("prompts").run(params, paths)
+    stage("samples").run(params, paths, progress=False)
+    tensors, index = read_shards(paths.storage(), "samples", progress=False)
+    assert sorted(set(index.column("prompt").to_pylist())) == ["a blue square", "a red square"]
+    row = 4  # the second prompt's second image (sorted by file name)
+    prompt = index.column("prompt")[row].as_py()
+    name = f"{0 if prompt == 'a red square' else 1}1.png"
+    expected = backbone.encode(load_image(folder / name, 32)[None])[0]
+    assert torch.allclose(tensors["latents"][row], expected, atol=1e-5)
+
+    too_many = small_params(str(tmp_path / "data2"), prompts={"source": str(folder), "train": 1, "val": 0, "test": 1},
+                            samples={"source": "images", "image_folder": str(folder), "per_prompt": 4})
+    paths2 = Paths.from_params(too_many, track=False)
+    stage("prompts").run(too_many, paths2)
+    with pytest.raises(ValueError, match="has 3 images captioned .*samples.per_prompt needs 4"):
+        stage("samples").run(too_many, paths2, progress=False)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..config import Params
+from ..image_folder import read_metadata
 from .runtime import Paths
 from .upstream import PROMPTS
 
@@ -21,15 +22,19 @@ def read_source(source: str) -> list[str]:
     if source == "builtin":
         return list(BUILTIN)
     path = Path(source)
-    if not path.is_file():
+    if path.is_dir():
+        prompts = [text for _, text in read_metadata(path)]
+    elif not path.is_file():
         raise FileNotFoundError(f"prompt source {path} does not exist (prompts.source)")
-    if path.suffix == ".txt":
+    elif path.suffix == ".txt":
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
+    elif path.suffix == ".parquet":
         table = pq.read_table(path)
         if "prompt" not in table.column_names:
             raise ValueError(f"{path} has no column 'prompt' (columns: {table.column_names})")
         prompts = [str(p) for p in table.column("prompt").to_pylist()]
+    else:
+        raise ValueError(f"prompt source {path} is not a .txt, a .parquet or an image folder (prompts.source)")
     return list(dict.fromkeys(prompts))  # unique, in order
 
 

@@ -1,9 +1,12 @@
 """Stage `samples`: N clean latents per prompt → safetensors shards + Parquet index (one Dagster partition a shard).
 
 `pipeline`: the backbone's own flow-matching Euler sampler with CFG, one seeded generator per sample, so a sample
-does not depend on how samples are batched or sharded. `smooth`: smooth latent fields (the random-weight testbed).
+does not depend on how samples are batched or sharded. `images`: the k-th image (sorted by file name) of the sample's
+caption in an image folder, VAE-encoded. `smooth`: smooth latent fields (the random-weight testbed).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import pyarrow as pa
 import torch
@@ -11,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import Backbone
 from ..config import Params
+from ..image_folder import images_by_text, load_image
 from ..latent_fields import smooth_latents
 from ..storage import shard_complete, write_shard
 from .runtime import Paths, models
@@ -44,6 +48,8 @@ def generate(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor
     if cfg.source == "smooth":
         return torch.cat([smooth_latents(1, backbone.latent_channels, size, torch.Generator().manual_seed(s))
                           for s in seeds])
+    if cfg.source == "images":
+        return encode_folder_images(backbone, rows, params)
     pipe = backbone.pipeline
     pipe.set_progress_bar_config(disable=True)
     prompts = rows.column("prompt").to_pylist()
@@ -72,3 +78,18 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
         write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size)
         written.append(shard)
     return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written}
+
+
+def encode_folder_images(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor:
+    folder, n = params.samples.image_folder, params.samples.per_prompt
+    files = images_by_text(folder)
+    pixels = []
+    for sample_id, prompt in zip(rows.column("sample_id").to_pylist(), rows.column("prompt").to_pylist()):
+        names = files.get(prompt, [])
+        if len(names) < n:
+            raise ValueError(f"{folder} has {len(names)} images captioned {prompt!r}; samples.per_prompt needs {n}")
+        pixels.append(load_image(Path(folder) / names[sample_id % n], backbone.image_size))
+    pixels = torch.stack(pixels)
+    bs = params.samples.batch_size
+    return torch.cat([backbone.encode(pixels[s:s + bs].to(backbone.device)).float().cpu()
+                      for s in range(0, len(pixels), bs)])
