@@ -1,4 +1,4 @@
-"""Stage `samples`: N clean latents per prompt → safetensors shards + Parquet index (one Dagster partition a shard).
+"""Stage `samples`: N clean latents per prompt → safetensors shards + Parquet index (`--shards` runs a subset).
 
 `pipeline`: the backbone's own flow-matching Euler sampler with CFG, one seeded generator per sample, so a sample
 does not depend on how samples are batched or sharded. `images`: the k-th image (sorted by file name) of the sample's

@@ -1,0 +1,12 @@
+"""Dagster assets over the pipeline stages: one asset per stage (same names, same DAG as stitchvm.stages.GRAPH).
+
+Thin adapters: each asset reads the params through its resource, calls `stage(name).run(...)` (which reads and writes
+the storage root) and turns the stage's summary into metadata. Nothing passes through IO managers.
+"""
+from . import data, model
+from .resources import MlflowResource, StitchVMResource
+
+ASSETS = [*data.ASSETS, *model.ASSETS]
+CHECKS = [*data.CHECKS, *model.CHECKS]
+
+__all__ = ["ASSETS", "CHECKS", "MlflowResource", "StitchVMResource"]

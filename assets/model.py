@@ -1,0 +1,101 @@
+"""Model assets: search, train, evaluate (each calls its stage) and the evaluation gate check."""
+from __future__ import annotations
+
+import json
+
+from dagster import AssetCheckResult, AssetCheckSeverity, MaterializeResult, MetadataValue, asset, asset_check
+
+from stitchvm.stages import GRAPH, stage
+from stitchvm.stages.upstream import SEARCH
+
+from .metadata import md_table, png_md, stage_doc as doc
+from .resources import MlflowResource, StitchVMResource
+
+GROUP = "model"
+EVAL_COLUMNS = ("sigma", "method", "spearman", "spearman_within_prompt", "pearson", "recall_at_1", "distill_loss",
+                "ms_per_eval", "peak_mem_mb")
+
+
+@asset(group_name=GROUP, deps=list(GRAPH["search"]), pool="gpu", description=doc("search"))
+def search(stitchvm: StitchVMResource) -> MaterializeResult:
+    params = stitchvm.params()
+    paths = stitchvm.paths(params)
+    summary = stage("search").run(params, paths, progress=False)
+    table = sorted(summary["table"], key=lambda r: r["error"])
+    return MaterializeResult(metadata={
+        "pair": MetadataValue.json(summary["pair"]),
+        "best_error": float(summary["error"]),
+        "pairs_searched": len(table),
+        "path": MetadataValue.path(summary["path"]),
+        "error_table": md_table(table[:10], ["i", "j", "error"]),
+        "heatmap": png_md(paths.storage().read_bytes(f"{SEARCH}/heatmap.png"), "stitch search heatmap"),
+    })
+
+
+@asset(group_name=GROUP, deps=list(GRAPH["train"]), pool="gpu", description=doc("train"))
+def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
+    params = stitchvm.params()
+    paths = stitchvm.paths(params)
+    summary = stage("train").run(params, paths, progress=False)
+    run_id, version = summary.get("run_id"), summary.get("model_version")
+    name = params.mlflow.registered_model
+    metadata = {
+        "steps": summary["steps"],
+        "seconds": summary["seconds"],
+        "samples_per_s": summary["samples_per_s"],
+        "first_loss": summary["first_loss"],
+        "final_loss": summary["final_loss"],
+        "pair": MetadataValue.json(summary["pair"]),
+        "path": MetadataValue.path(summary["path"]),
+        "curve": png_md(paths.storage().read_bytes("train/curve.png"), "training curve"),
+        "mlflow_run_id": MetadataValue.text(run_id or "(not tracked)"),
+        "model_version": MetadataValue.text(f"{name}/{version}" if version else "(not registered)"),
+    }
+    if run_id and (url := mlflow.run_url(run_id, summary.get("tracking_uri"))):
+        metadata["mlflow_run_url"] = MetadataValue.url(url)
+    if version and (url := mlflow.model_version_url(name, version)):
+        metadata["model_version_url"] = MetadataValue.url(url)
+    return MaterializeResult(metadata=metadata)
+
+
+@asset(group_name=GROUP, deps=list(GRAPH["evaluate"]), pool="gpu", description=doc("evaluate"))
+def evaluate(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
+    params = stitchvm.params()
+    paths = stitchvm.paths(params)
+    report = stage("evaluate").run(params, paths, progress=False)
+    gate, tracked = report["gate"], report.get("mlflow", {})
+    (row,) = [r for r in report["eval"] if r["method"] == "stitchvm" and r["sigma"] == gate["sigma"]]
+    metadata = {
+        "dagster/row_count": len(report["eval"]),
+        "eval_table": md_table(report["eval"], [c for c in EVAL_COLUMNS if c in report["eval"][0]]),
+        f"spearman_within_prompt@{gate['sigma']}": float(row["spearman_within_prompt"]),
+        f"distill_loss@{gate['sigma']}": float(row["distill_loss"]),
+        "trivial_loss": float(report["trivial_loss"]),
+        "gate_passed": bool(gate["passed"]),
+        "gate_checks": MetadataValue.json(gate["checks"]),
+        "champion": bool(tracked.get("champion", False)),
+        "model_version": MetadataValue.text(
+            f"{params.mlflow.registered_model}/{tracked['model_version']}" if tracked.get("model_version")
+            else "(not registered)"),
+        "report": MetadataValue.path(str((paths.reports / "eval.json").resolve())),
+        "plot": png_md((paths.reports / "eval.png").read_bytes(), "value quality vs sigma"),
+    }
+    if tracked.get("model_version") and (url := mlflow.model_version_url(params.mlflow.registered_model,
+                                                                           tracked["model_version"])):
+        metadata["model_version_url"] = MetadataValue.url(url)
+    return MaterializeResult(metadata=metadata)
+
+
+@asset_check(asset="evaluate", description="the promotion gate of params.evaluate (WARN: the model stays a candidate)")
+def eval_gate(stitchvm: StitchVMResource) -> AssetCheckResult:
+    path = stitchvm.paths().reports / "eval.json"
+    if not path.is_file():
+        return AssetCheckResult(passed=False, metadata={"error": MetadataValue.text(f"{path} does not exist")})
+    gate = json.loads(path.read_text())["gate"]
+    return AssetCheckResult(passed=bool(gate["passed"]), severity=AssetCheckSeverity.WARN, metadata={
+        "sigma": gate["sigma"], **{name: bool(ok) for name, ok in gate["checks"].items()},
+        "report": MetadataValue.path(str(path.resolve()))})
+
+
+ASSETS = [search, train, evaluate]
+CHECKS = [eval_gate]
