@@ -28,6 +28,16 @@ def gate(report: dict, params: Params) -> dict:
     return {"sigma": cfg.gate_sigma, "checks": checks, "passed": all(checks.values())}
 
 
+def by_sigma(rows: list[dict]) -> dict:
+    """{method: {sigma_S: {metric: value}}}: the nested form DVC flattens into comparable metrics columns."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r["method"], {})[f"sigma_{r['sigma']}"] = {
+            k: v for k, v in r.items() if k in ("spearman", "spearman_within_prompt", "pearson", "recall_at_1",
+                                                "distill_loss")}
+    return out
+
+
 def plot_rows(rows: list[dict]) -> list[dict]:
     """One row per σ with a column per method: the shape DVC's linear plot template reads."""
     out: dict[float, dict] = {}
@@ -53,6 +63,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     report = evaluate(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,
                       teacher=teacher, progress=progress)
     report["gate"] = gate(report, params)
+    report["by_sigma"] = by_sigma(report["eval"])
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "eval.json").write_text(json.dumps(report, indent=2))
     (paths.reports / "eval_plot.json").write_text(json.dumps(plot_rows(report["eval"]), indent=2))

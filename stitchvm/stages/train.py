@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -15,10 +16,11 @@ from .runtime import Paths, models
 from .upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
 
 
-def checkpoint_dir(params: Params, paths: Paths) -> Path:
-    """Checkpoints are keyed by everything that shapes the run, so a resume never mixes two configurations."""
-    key = json.dumps([to_dict(params.train), to_dict(params.backbone), to_dict(params.reward), params.seed,
-                      paths.root], sort_keys=True)
+def checkpoint_dir(params: Params, paths: Paths, inputs: str = "") -> Path:
+    """Checkpoints are keyed by everything that shapes the run (every params section upstream of training too, and
+    `inputs`, a fingerprint of the search's result), so a resume never mixes two configurations or two data sets."""
+    shaping = {k: v for k, v in to_dict(params).items() if k not in ("evaluate", "mlflow")}
+    key = json.dumps([shaping, paths.root, inputs], sort_keys=True)
     return paths.checkpoints / f"train-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -36,12 +38,16 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     z0, _, targets, _ = read_split(storage, params, "train", labels=True)
     model = stitched_from_search(backbone, reward, read_search(storage))
     start = time.perf_counter()
-    history = finetune(model, z0, targets, params.train, params.seed, checkpoint_dir(params, paths), progress)
+    inputs = hashlib.sha256(storage.read_bytes(f"{SEARCH}/init.safetensors")
+                            + storage.read_bytes(f"{SEARCH}/result.json")).hexdigest()
+    ckpt = checkpoint_dir(params, paths, inputs)
+    history = finetune(model, z0, targets, params.train, params.seed, ckpt, progress)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         for f in Path(tmp).iterdir():
             storage.write_bytes_atomic(f"{VALUE_MODEL}/{f.name}", f.read_bytes())
+    shutil.rmtree(ckpt, ignore_errors=True)  # checkpoints serve crash-resume only; a finished run starts afresh
     curve = plots.training_curve(history)
     storage.write_bytes_atomic("train/curve.png", curve)
     summary = {"steps": params.train.steps, "seconds": round(seconds, 3),
