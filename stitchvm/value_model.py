@@ -52,26 +52,38 @@ class StitchedValueModel(nn.Module):
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if n.startswith(TRAINABLE)]
 
-    def stitch_tokens(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W), (B,) -> (B, 1+P, D) tokens entering reward block j."""
-        u = self.head(z_t, t)  # (B, N, Db)
-        s = self.stitch(u, self.head.grid(z_t.shape[-2:]))  # (B, P, D)
+    def reward_tokens(self, u: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """(B, N, Db) head tokens u_{≤i} of a latent of size `latent_hw` -> (B, 1+P, D) tokens entering block j."""
+        s = self.stitch(u, self.head.grid(latent_hw))  # (B, P, D)
         cls = self.class_token.expand(s.shape[0], -1, -1)
         return torch.cat([cls, s], dim=1) + self.position_embedding
 
-    def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stitch_tokens(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W), (B,) -> (B, 1+P, D) tokens entering reward block j."""
+        return self.reward_tokens(self.head(z_t, t), z_t.shape[-2:])
+
+    def embed_from_head(self, u: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, E) l2-normalised predicted image embedding and (B, 1+P, D) per-token outputs of r_{≥j}."""
-        embeds, tokens = self.tail(self.stitch_tokens(z_t, t))
+        embeds, tokens = self.tail(self.reward_tokens(u, latent_hw))
         return F.normalize(embeds, dim=-1), tokens
+
+    def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_from_head(self.head(z_t, t), z_t.shape[-2:])
+
+    def value_from_head(self, u: torch.Tensor, latent_hw: tuple[int, int], prompts: list[str] | None = None
+                        ) -> torch.Tensor:
+        """V from head tokens u_{≤i} (guidance computes them once, shared with the CFG branch): (B,) values."""
+        b = u.shape[0]
+        if self.reward_spec.kind == "clip" and (prompts is None or len(prompts) != b):
+            raise ValueError(f"a CLIP value needs one prompt per latent: got {0 if prompts is None else len(prompts)} "
+                             f"prompts for {b} latents")
+        embeds, _ = self.embed_from_head(u, latent_hw)
+        text = self.reward.text_embeds(prompts).to(embeds.device) if self.reward_spec.kind == "clip" else None
+        return self.reward.score(embeds, text)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         """V(z_t, t, prompt): (B,) values on the reward's scale."""
-        if self.reward_spec.kind == "clip" and (prompts is None or len(prompts) != z_t.shape[0]):
-            raise ValueError(f"a CLIP value needs one prompt per latent: got {0 if prompts is None else len(prompts)} "
-                             f"prompts for {z_t.shape[0]} latents")
-        embeds, _ = self.embed(z_t, t)
-        text = self.reward.text_embeds(prompts) if self.reward_spec.kind == "clip" else None
-        return self.reward.score(embeds, text)
+        return self.value_from_head(self.head(z_t, t), z_t.shape[-2:], prompts)
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def config(self) -> dict:

@@ -154,7 +154,8 @@ def _registry(project) -> dict:
     """alias -> version of the registered value model in the project's MLflow store."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=project["params"]["mlflow"]["tracking_uri"])
+    uri = project["params"]["mlflow"]["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # an earlier test may have set the global registry
     return dict(client.get_registered_model(REGISTERED).aliases)
 
 

@@ -1,0 +1,166 @@
+"""DPS guidance for `stitchvm.sampling.sample`: the tilted velocity u = v - c_t ∇_{z_t} V(z_t) (METHOD.md).
+
+The Euler step `z' = z + (σ' - σ) u` with σ' < σ moves z by `(σ - σ') c_t ∇V`: it climbs V.
+
+- `DPSTweedie`: V = r(D(ẑ0(z_t))), ẑ0 = z_t - σ v_cfg(z_t). One batched CFG forward with autograd; its
+  (detached) output is also the velocity of the step, so guidance costs one backward through reward, VAE decoder
+  and both CFG branches, and no extra forward.
+- `DPSStitchVM`: V = the stitched value model. Its input u_{≤i}(z_t, t, ∅) is the first i blocks of the
+  *unconditional* CFG branch, so these blocks run once, with autograd; the tokens feed the stitch + reward tail
+  (value, backward through i blocks only) and, detached, the remaining blocks of the unconditional branch
+  (no autograd). The conditional branch runs as usual under no_grad.
+
+Guidance scale per step: c_t = scale · schedule(σ) (schedule None: constant). Where c_t = 0 the step is not
+guided at all: it is exactly the unguided CFG step and costs nothing extra.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from .backbone import Backbone
+from .flow import tweedie_z0
+from .reward import ClipReward
+from .sampling import Conditioning, Guided, cfg_velocity, check_scale
+from .value_model import StitchedValueModel
+
+Schedule = Callable[[float], float]
+
+
+# ---- schedules -------------------------------------------------------------------------------------------------
+def window(lo: float = 0.0, hi: float = 1.0) -> Schedule:
+    """1 for σ in [lo, hi], else 0 (guide only part of the trajectory)."""
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"window needs 0 <= lo <= hi <= 1, got lo={lo}, hi={hi}")
+    return lambda s: 1.0 if lo <= s <= hi else 0.0
+
+
+def power(p: float) -> Schedule:
+    """σ^p (p > 0 guides hardest at high noise, p < 0 at low noise; p = 0 constant)."""
+    return lambda s: float(s) ** p if s > 0 else (1.0 if p == 0 else 0.0)
+
+
+def _coefficient(scale: float, schedule: Schedule | None, t: torch.Tensor) -> float:
+    s = float(t.reshape(-1)[0])
+    factor = 1.0 if schedule is None else schedule(s)
+    factor = check_scale(factor, f"the guidance schedule's value at t={s:.4g}")
+    return scale * factor
+
+
+class ValueGrad(NamedTuple):
+    velocity: torch.Tensor  # (B, C, H, W) CFG velocity at z_t (detached)
+    value: torch.Tensor  # (B,) the objective V(z_t) (detached)
+    grad: torch.Tensor  # (B, C, H, W) ∇_{z_t} Σ_b V_b (each sample's gradient: samples are independent)
+
+
+def _prompt_text(reward: ClipReward, prompts: list[str], n: int) -> torch.Tensor | None:
+    if reward.spec.kind != "clip":
+        return None
+    if len(prompts) != n:
+        raise ValueError(f"a CLIP reward needs one prompt per latent: got {len(prompts)} prompts for {n} latents")
+    return reward.text_embeds(prompts)
+
+
+# ---- DPS-Tweedie -----------------------------------------------------------------------------------------------
+def tweedie_value_and_grad(backbone: Backbone, reward: ClipReward, z: torch.Tensor, t: torch.Tensor,
+                           conditioning: Conditioning) -> ValueGrad:
+    """∇_{z_t} r(D(ẑ0(z_t))) through the CFG velocity, the VAE decoder and the reward (one forward, one backward)."""
+    text = _prompt_text(reward, conditioning.prompts, z.shape[0])
+    with torch.enable_grad():
+        z_in = z.detach().requires_grad_(True)
+        v = cfg_velocity(backbone, z_in, t, conditioning.cond, conditioning.uncond, conditioning.scale)
+        pixels = backbone.decode(tweedie_z0(z_in, t, v))
+        embeds, _ = reward.image_features(pixels)
+        value = reward.score(embeds, text.to(embeds.dtype) if text is not None else None)
+        (grad,) = torch.autograd.grad(value.sum(), z_in)
+    return ValueGrad(v.detach(), value.detach(), grad)
+
+
+class DPSTweedie:
+    """DPS with the Tweedie reward estimate; `reward` scores decoded pixels (scales swept in the paper: 0.01–0.5)."""
+
+    def __init__(self, reward: ClipReward, scale: float, schedule: Schedule | None = None):
+        self.reward = reward
+        self.scale = check_scale(scale, "DPS-Tweedie guidance scale")
+        self.schedule = schedule
+
+    def __call__(self, backbone: Backbone, z: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                 step: int) -> Guided:
+        c = _coefficient(self.scale, self.schedule, t)
+        if c == 0:
+            return Guided(cfg_velocity(backbone, z, t, conditioning.cond, conditioning.uncond, conditioning.scale),
+                          None, None)
+        out = tweedie_value_and_grad(backbone, self.reward, z, t, conditioning)
+        return Guided(out.velocity, -c * out.grad, out.value)
+
+
+# ---- DPS-StitchVM: the unconditional branch shared with the value head ---------------------------------------
+def check_compatible(value_model: StitchedValueModel, backbone: Backbone) -> None:
+    if value_model.backbone_spec != backbone.spec:
+        raise ValueError(f"the value model was built on backbone {value_model.backbone_spec.source!r} "
+                         f"({value_model.backbone_spec}), the sampler runs {backbone.spec.source!r} "
+                         f"({backbone.spec}): its head is not the sampler's unconditional branch")
+
+
+def shared_uncond(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor, t: torch.Tensor,
+                  finish: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass of the unconditional branch: ((B, N, D) tokens u_{≤i}, (B, C, H, W) unconditional velocity).
+
+    Blocks 1..i run under the caller's grad mode (the tokens carry the autograd graph to z when z requires grad),
+    with the value head's own modules and cached null context, exactly BackboneHead's math; blocks i+1..L,
+    norm_out, proj_out and unpatchify run on the detached tokens without autograd, as the transformer does
+    (`finish=False` skips them and returns None for the velocity: CFG scale 1 needs no unconditional velocity).
+    """
+    check_compatible(value_model, backbone)
+    head, tr = value_model.head, backbone.transformer
+    b = z.shape[0]
+    h = head.pos_embed(z).contiguous()  # (B, N, D)
+    temb = head.time_text_embed(t * 1000, head.null_pooled.expand(b, -1))  # (B, D)
+    ctx = head.null_context.expand(b, -1, -1)  # (B, L, D)
+    for block in head.blocks:
+        ctx, h = block(h, ctx, temb)
+    if not finish:
+        return h, None
+    with torch.no_grad():
+        hu, cu, tu = h.detach(), None if ctx is None else ctx.detach(), temb.detach()
+        for block in tr.transformer_blocks[len(head.blocks):]:
+            cu, hu = block(hu, cu, tu)
+        hu = tr.proj_out(tr.norm_out(hu, tu))
+        p, (hh, ww) = tr.config.patch_size, z.shape[-2:]
+        hu = hu.reshape(b, hh // p, ww // p, p, p, tr.out_channels)
+        v_u = torch.einsum("nhwpqc->nchpwq", hu).reshape(b, tr.out_channels, hh, ww)
+    return h, v_u
+
+
+def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor,
+                            t: torch.Tensor, conditioning: Conditioning) -> ValueGrad:
+    """∇_{z_t} V(z_t) through i blocks + stitch + tail, sharing the unconditional CFG branch (module docstring)."""
+    with torch.enable_grad():
+        z_in = z.detach().requires_grad_(True)
+        tokens, v_u = shared_uncond(value_model, backbone, z_in, t, finish=conditioning.scale != 1)
+        value = value_model.value_from_head(tokens, tuple(z.shape[-2:]), conditioning.prompts)
+        (grad,) = torch.autograd.grad(value.sum(), z_in)
+    with torch.no_grad():
+        w = conditioning.scale
+        v_c = backbone.velocity(z, t, *conditioning.cond) if w != 0 else None
+        v = v_u if w == 0 else v_c if w == 1 else v_u + w * (v_c - v_u)
+    return ValueGrad(v, value.detach(), grad)
+
+
+class DPSStitchVM:
+    """DPS with the stitched value model (scales swept in the paper: 0.5–7)."""
+
+    def __init__(self, value_model: StitchedValueModel, scale: float, schedule: Schedule | None = None):
+        self.value_model = value_model
+        self.scale = check_scale(scale, "DPS-StitchVM guidance scale")
+        self.schedule = schedule
+
+    def __call__(self, backbone: Backbone, z: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
+                 step: int) -> Guided:
+        c = _coefficient(self.scale, self.schedule, t)
+        if c == 0:
+            return Guided(cfg_velocity(backbone, z, t, conditioning.cond, conditioning.uncond, conditioning.scale),
+                          None, None)
+        out = stitchvm_value_and_grad(self.value_model, backbone, z, t, conditioning)
+        return Guided(out.velocity, -c * out.grad, out.value)
