@@ -45,12 +45,18 @@ WORLD_CLIP = dict(
 
 
 def world_clip_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPConfig:
-    """`WORLD_CLIP` with the tokenizer's vocabulary size and special ids; `overrides` update text/vision/top level."""
+    """`WORLD_CLIP` with the tokenizer's vocabulary size and special ids; `overrides` update text/vision/top level.
+
+    The towers' own `projection_dim` is set to the model's, so `CLIPTextModelWithProjection` /
+    `CLIPVisionModelWithProjection` built from the sub-configs load the matching projections.
+    """
+    top = {"projection_dim": WORLD_CLIP["projection_dim"], **overrides}
     text = dict(WORLD_CLIP["text_config"], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    text.update(overrides.pop("text_config", {}))
-    vision = dict(WORLD_CLIP["vision_config"], **overrides.pop("vision_config", {}))
-    top = dict(projection_dim=WORLD_CLIP["projection_dim"], **overrides)
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                projection_dim=top["projection_dim"])
+    text.update(top.pop("text_config", {}))
+    vision = dict(WORLD_CLIP["vision_config"], projection_dim=top["projection_dim"])
+    vision.update(top.pop("vision_config", {}))
     return CLIPConfig(text_config=text, vision_config=vision, **top)
 
 
@@ -111,9 +117,9 @@ class _CaptionIds:
 
 
 def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progress: bool = True, *,
-               lr: float = 2e-3, weight_decay: float = 0.05, warmup: int | None = None, config: CLIPConfig | None = None,
-               eval_every: int = 0, n_eval: int = 2000, seed: int = 0, pos_init_std: float = 0.2,
-               on_step: Callable[[dict], None] | None = None):
+               lr: float = 1e-3, weight_decay: float = 0.05, warmup: int | None = None,
+               config: CLIPConfig | None = None, eval_every: int = 0, n_eval: int = 2000, seed: int = 0,
+               pos_init_std: float = 0.2, on_step: Callable[[dict], None] | None = None):
     """Train the world CLIP from scratch on `n_steps` fresh batches of `batch_size` scenes drawn from `generator`.
 
     AdamW (decay on matrices only), linear warm-up (default 5% of the steps) then cosine decay to 5% of `lr`; CLIP's
@@ -122,7 +128,8 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
     init and delayed learning where objects are (position, count) by ~1000 steps. With `eval_every > 0` the
     zero-shot accuracy on `n_eval` held-out scenes (`HELD_OUT_SEED`) is recorded every `eval_every` steps and at the
     end. Returns `(model, tokenizer, history)`; history is a list of per-step dicts (step, loss, floor, lr,
-    logit_scale, seconds) with a `zero_shot` entry on evaluation steps; `on_step(entry)` is called with each.
+    logit_scale, seconds: wall time since the start, evaluations included) with a `zero_shot` entry on evaluation
+    steps; `on_step(entry)` is called with each.
     """
     tokenizer = world_clip_tokenizer()
     config = config or world_clip_config(tokenizer)
@@ -146,7 +153,7 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ids_for = _CaptionIds(tokenizer)
     held_out = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED)) if eval_every else None
-    history, start = [], time.perf_counter()
+    history, shown, start = [], {}, time.perf_counter()
     bar = tqdm(range(n_steps), disable=not progress, desc="world clip", unit="step")
     for step in bar:
         pixels, _, attrs = scenes.make_scenes(batch_size, generator)
@@ -165,12 +172,12 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
                      logit_scale=model.logit_scale.exp().item(), seconds=time.perf_counter() - start)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == n_steps):
             entry["zero_shot"] = zero_shot_accuracy(model, tokenizer, held_out[0], held_out[2])
-            model.train()
         history.append(entry)
         if on_step is not None:
             on_step(entry)
+        shown = entry.get("zero_shot", shown)  # keep the latest zero-shot accuracies on the bar
         bar.set_postfix(loss=f"{entry['loss']:.3f}", floor=f"{entry['floor']:.3f}",
-                        **{k: f"{v:.2f}" for k, v in entry.get("zero_shot", {}).items()})
+                        **{k: f"{v:.2f}" for k, v in shown.items()})
     model.eval()
     return model, tokenizer, history
 
@@ -191,8 +198,9 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch
     return out
 
 
-def save_clip(model: CLIPModel, tokenizer: CLIPTokenizer, path: str | Path, dtype: torch.dtype = torch.float32) -> int:
-    """`save_pretrained` of the model (in `dtype`, safetensors) and the tokenizer; returns the weights' size in bytes."""
+def save_clip(model: CLIPModel, tokenizer: CLIPTokenizer, path: str | Path,
+              dtype: torch.dtype = torch.float32) -> int:
+    """`save_pretrained` of the model (in `dtype`, safetensors) and tokenizer; returns the weights' size in bytes."""
     path = Path(path)
     copy.deepcopy(model).to(dtype).save_pretrained(path)  # a copy: casting in place would round the weights
     tokenizer.save_pretrained(path)
