@@ -77,12 +77,14 @@ def tweedie_value_and_grad(backbone: Backbone, reward: ClipReward, z: torch.Tens
     return ValueGrad(v.detach(), value.detach(), grad)
 
 
-class DPSTweedie:
-    """DPS with the Tweedie reward estimate; `reward` scores decoded pixels (scales swept in the paper: 0.01–0.5)."""
+class DPS:
+    """DPS guidance: the velocity becomes u = v - c_t · ∇V, so the Euler step climbs V. `value_and_grad` gives the
+    step's velocity together with V and ∇V (one forward, one backward); c_t = scale · schedule(t). At c_t = 0 the step
+    is the plain CFG step, exactly and at no extra cost."""
 
-    def __init__(self, reward: ClipReward, scale: float, schedule: Schedule | None = None):
-        self.reward = reward
-        self.scale = check_scale(scale, "DPS-Tweedie guidance scale")
+    def __init__(self, value_and_grad: Callable[..., ValueGrad], scale: float, schedule: Schedule | None, name: str):
+        self.value_and_grad = value_and_grad
+        self.scale = check_scale(scale, f"{name} guidance scale")
         self.schedule = schedule
 
     def __call__(self, backbone: Backbone, z: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
@@ -91,8 +93,14 @@ class DPSTweedie:
         if c == 0:
             return Guided(cfg_velocity(backbone, z, t, conditioning.cond, conditioning.uncond, conditioning.scale),
                           None, None)
-        out = tweedie_value_and_grad(backbone, self.reward, z, t, conditioning)
+        out = self.value_and_grad(backbone, z, t, conditioning)
         return Guided(out.velocity, -c * out.grad, out.value)
+
+
+def DPSTweedie(reward: ClipReward, scale: float, schedule: Schedule | None = None) -> DPS:
+    """DPS with the Tweedie reward estimate r(D(ẑ0)) (scales swept in the paper: 0.01–0.5)."""
+    return DPS(lambda backbone, z, t, cond: tweedie_value_and_grad(backbone, reward, z, t, cond), scale, schedule,
+               "DPS-Tweedie")
 
 
 # ---- DPS-StitchVM: the unconditional branch shared with the value head ---------------------------------------
@@ -148,19 +156,8 @@ def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone,
     return ValueGrad(v, value.detach(), grad)
 
 
-class DPSStitchVM:
-    """DPS with the stitched value model (scales swept in the paper: 0.5–7)."""
+def DPSStitchVM(value_model: StitchedValueModel, scale: float, schedule: Schedule | None = None) -> DPS:
+    """DPS with the stitched value model, its head shared with the CFG unconditional branch (paper scales: 0.5–7)."""
+    return DPS(lambda backbone, z, t, cond: stitchvm_value_and_grad(value_model, backbone, z, t, cond), scale,
+               schedule, "DPS-StitchVM")
 
-    def __init__(self, value_model: StitchedValueModel, scale: float, schedule: Schedule | None = None):
-        self.value_model = value_model
-        self.scale = check_scale(scale, "DPS-StitchVM guidance scale")
-        self.schedule = schedule
-
-    def __call__(self, backbone: Backbone, z: torch.Tensor, t: torch.Tensor, conditioning: Conditioning,
-                 step: int) -> Guided:
-        c = _coefficient(self.scale, self.schedule, t)
-        if c == 0:
-            return Guided(cfg_velocity(backbone, z, t, conditioning.cond, conditioning.uncond, conditioning.scale),
-                          None, None)
-        out = stitchvm_value_and_grad(self.value_model, backbone, z, t, conditioning)
-        return Guided(out.velocity, -c * out.grad, out.value)

@@ -29,7 +29,7 @@ def run(params: Params, out: str | Path | None = None, progress: bool = True) ->
     report = {
         "pair": summaries["search"]["pair"],
         "search": summaries["search"]["table"],
-        **{k: v for k, v in summaries["evaluate"].items()},
+        **summaries["evaluate"],
         "train": {k: summaries["train"][k] for k in ("steps", "first_loss", "final_loss", "samples_per_s")},
         "timings_s": timings,
         "params": to_dict(params),
