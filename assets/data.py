@@ -29,35 +29,32 @@ def prompts(stitchvm: StitchVMResource) -> MaterializeResult:
     })
 
 
+def run_sharded(stitchvm: StitchVMResource, name: str, shapes_key: str, extra: dict) -> MaterializeResult:
+    """Run a sharded stage (all shards; complete ones are skipped) and report per-shard metadata."""
+    params = stitchvm.params()
+    paths = stitchvm.paths(params)
+    summary = stage(name).run(params, paths, progress=False)
+    index = read_index(paths.storage(), name, expected_shards=summary["shards"])
+    return MaterializeResult(metadata={
+        **shard_metadata(summary["path"], index, summary, params.storage.shard_size),
+        **{k: v(params) for k, v in extra.items()},
+        shapes_key: MetadataValue.text(index.column("shape")[0].as_py()),
+    })
+
+
 # Not Dagster-partitioned (a decision of the project): `dagster asset materialize --select '*'` refuses partitioned
 # assets without --partition. One materialisation runs every shard; the stage skips shards that are already complete,
 # and the metadata reports per-shard progress. Scale-out runs single shards in separate processes/machines with
 # `python -m stitchvm samples --shards 0,3` (same for labels); a later materialisation then only fills the gaps.
 @asset(group_name=GROUP, deps=list(GRAPH["samples"]), pool="gpu", description=doc("samples"))
 def samples(stitchvm: StitchVMResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage("samples").run(params, paths, progress=False)
-    index = read_index(paths.storage(), SAMPLES, expected_shards=summary["shards"])
-    return MaterializeResult(metadata={
-        **shard_metadata(summary["path"], index, summary, params.storage.shard_size),
-        "source": params.samples.source,
-        "latent_shape": MetadataValue.text(index.column("shape")[0].as_py()),
-    })
+    return run_sharded(stitchvm, SAMPLES, "latent_shape", {"source": lambda p: p.samples.source})
 
 
-# Not partitioned either, for the same reason as `samples` (`python -m stitchvm labels --shards 0,3` for one shard).
 @asset(group_name=GROUP, deps=list(GRAPH["labels"]), pool="gpu", description=doc("labels"))
 def labels(stitchvm: StitchVMResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage("labels").run(params, paths, progress=False)
-    index = read_index(paths.storage(), LABELS, expected_shards=summary["shards"])
-    return MaterializeResult(metadata={
-        **shard_metadata(summary["path"], index, summary, params.storage.shard_size),
-        "reward": MetadataValue.text(f"{params.reward.source} ({params.reward.kind})"),
-        "tensor_shapes": MetadataValue.text(index.column("shape")[0].as_py()),
-    })
+    return run_sharded(stitchvm, LABELS, "tensor_shapes",
+                       {"reward": lambda p: MetadataValue.text(f"{p.reward.source} ({p.reward.kind})")})
 
 
 @asset(group_name=GROUP, deps=list(GRAPH["noisy"]), description=doc("noisy"))
