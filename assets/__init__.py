@@ -3,10 +3,10 @@
 Thin adapters: each asset reads the params through its resource, calls `stage(name).run(...)` (which reads and writes
 the storage root) and turns the stage's summary into metadata. Nothing passes through IO managers.
 """
-from . import data, model
+from . import alignment, data, model, world
 from .resources import MlflowResource, StitchVMResource
 
-ASSETS = [*data.ASSETS, *model.ASSETS]
+ASSETS = [*world.ASSETS, *data.ASSETS, *model.ASSETS, *alignment.ASSETS]
 CHECKS = [*data.CHECKS, *model.CHECKS]
 
 __all__ = ["ASSETS", "CHECKS", "MlflowResource", "StitchVMResource"]

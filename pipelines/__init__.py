@@ -16,13 +16,17 @@ from dagster import AssetSelection, Definitions, define_asset_job, multiprocess_
 
 from assets import ASSETS, CHECKS, MlflowResource, StitchVMResource
 
-stitchvm_all = define_asset_job("stitchvm_all", selection=AssetSelection.all(),
-                                description="materialise every stage and run every check")
+stitchvm_all = define_asset_job("stitchvm_all", selection=AssetSelection.all() - AssetSelection.groups("world"),
+                                description="materialise every pipeline stage (the shipped world as is) and run every "
+                                            "check")
+world_bootstrap = define_asset_job("world_bootstrap", selection=AssetSelection.groups("world"),
+                                   description="retrain the embedded world (the bootstrap stages) into $STITCHVM_WORLD "
+                                               "or the shipped folder")
 
 defs = Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
-    jobs=[stitchvm_all],
+    jobs=[stitchvm_all, world_bootstrap],
     executor=multiprocess_executor.configured({"start_method": {"forkserver": {"preload_modules": ["pipelines"]}}}),
     resources={
         "stitchvm": StitchVMResource(),

@@ -5,9 +5,11 @@ gives pixels in [-1, 1]. Time `t ∈ [0, 1]` is σ; the transformer is fed `1000
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -16,6 +18,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from .config import ModelSpec
 from .presets import BACKBONE_PRESETS, is_preset, lookup
 from .tokenizer import tiny_clip_tokenizer
+from .world.pretrained import check_world_source, is_world, world_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,6 +128,8 @@ def build_backbone(spec: ModelSpec, device: str | torch.device = "cpu") -> Backb
     """The one factory for diffusion backbones (see `ModelSpec` for the three kinds of source)."""
     if is_preset(spec.source):
         return _build_preset(spec, device)
+    if is_world(spec.source):
+        return _load_world(spec, device)
     return _load_pretrained(spec, device)
 
 
@@ -161,6 +166,36 @@ def _load_pretrained(spec: ModelSpec, device) -> Backbone:
         tokenizer_2=CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2"),
     )
     return _freeze(backbone.to(device), dtype)
+
+
+def _load_world(spec: ModelSpec, device) -> Backbone:
+    """`world:sd3`: the shipped world's parts (stitchvm/world/pretrained.py); both text encoders are the world
+    CLIP's text tower, as SD3 conditions on two CLIP text towers."""
+    check_world_source(spec.source)
+    if spec.source != "world:sd3":
+        raise ValueError(f"{spec.source!r} is a reward model, not a diffusion backbone (use world:sd3)")
+    dtype, clip = DTYPES[spec.dtype], world_path("clip")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(clip, dtype=dtype)
+    backbone = Backbone(
+        spec=spec,
+        transformer=SD3Transformer2DModel.from_pretrained(world_path("transformer"), torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(world_path("vae"), torch_dtype=dtype),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(world_path("scheduler")),
+        text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(clip),
+        text_encoder_2=text_encoder, tokenizer_2=CLIPTokenizer.from_pretrained(clip),
+    )
+    return _freeze(backbone.to(device), dtype)
+
+
+def save_sd3_folder(backbone: Backbone, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """The standard SD3 folder layout (loads with a plain local-path `ModelSpec` and with diffusers)."""
+    path = Path(path)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(backbone, name)
+        (module if dtype is None else copy.deepcopy(module).to(dtype)).save_pretrained(path / name)
+    backbone.scheduler.save_pretrained(path / "scheduler")
+    backbone.tokenizer.save_pretrained(path / "tokenizer")
+    backbone.tokenizer_2.save_pretrained(path / "tokenizer_2")
 
 
 def _freeze(backbone: Backbone, dtype: torch.dtype) -> Backbone:

@@ -27,8 +27,9 @@ def _check(ok: bool, reason: str) -> None:
 class ModelSpec:
     """Where a diffusion backbone comes from.
 
-    `source`: `tiny:<preset>` (small config, seeded random init), `arch:<preset>` (the real configuration with
-    random weights) or a Hugging Face id / local path (real weights via `from_pretrained`).
+    `source`: `world:sd3` (the shipped pretrained embedded world), `tiny:<preset>` (small config, seeded random
+    init), `arch:<preset>` (the real configuration with random weights) or a Hugging Face id / local path (real
+    weights via `from_pretrained`).
     """
 
     source: str = "tiny:sd3"
@@ -45,7 +46,9 @@ class RewardSpec:
     """Where the pixel-space reward model comes from, and which score it gives.
 
     `kind`: `clip` (logit_scale · cos(image, text)) or `aesthetic` (an MLP head on the normalised image embedding).
-    `head`: for `aesthetic`, `random` (seeded random head) or a path to the head's weights (.safetensors or .pth).
+    `source`: `world:clip` (the embedded world's CLIP), a preset, or a Hugging Face id / local path.
+    `head`: for `aesthetic`, `random` (seeded random head), `world` (the world's head, with `world:clip`) or a path
+    to the head's weights (.safetensors or .pth).
     """
 
     source: str = "tiny:clip"
@@ -57,7 +60,9 @@ class RewardSpec:
     def __post_init__(self):
         _check(bool(self.source), "source must not be empty")
         _check(self.kind in ("clip", "aesthetic"), f"kind {self.kind!r} is not 'clip' or 'aesthetic'")
-        _check(self.kind != "aesthetic" or self.head is not None, "kind 'aesthetic' needs a head ('random' or a path)")
+        _check(self.kind != "aesthetic" or self.head is not None,
+               "kind 'aesthetic' needs a head ('random', 'world' or a path)")
+        _check(self.head != "world" or self.source == "world:clip", "head 'world' needs source 'world:clip'")
         _check(self.dtype in ("float32", "float16", "bfloat16"), f"dtype {self.dtype!r} is not float32/float16/bfloat16")
 
 
@@ -193,6 +198,244 @@ class MlflowConfig:
     registered_model: str = "stitchvm-value"
 
 
+ALIGN_METHODS = ("nft", "nft-stitchvm", "draft", "draft-stitchvm")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Training-time alignment (stage `align`, stitchvm/nft.py and stitchvm/draft.py): a LoRA adapter on the MMDiT.
+
+    `method`: `nft` (DiffusionNFT on terminal rewards), `nft-stitchvm` (rollouts stop at τ, V(z_τ) as reward, bridge
+    regression anchored at z_τ), `draft` (DRaFT-K: the terminal reward backpropagated through the last K steps),
+    `draft-stitchvm` (stop at τ, maximise V(z_τ) through the K steps before τ). One update = one optimiser step on
+    `prompts_per_update` prompts × `group_size` rollouts of `steps` steps. Stopping windows are given in steps of a
+    `*_tau_of`-step schedule and scaled to `steps`. NFT defaults follow NVlabs/DiffusionNFT, DRaFT defaults the paper.
+    Evaluation: the true reward of fully denoised samples for `eval_prompts` held-out prompts × `eval_seeds`
+    (`eval_steps` 0: `steps`), every `eval_every` updates (NFT evaluates its EMA weights when `eval_ema`).
+    """
+
+    method: str = "nft"
+    updates: int = 100
+    prompts_per_update: int = 4
+    group_size: int = 4
+    steps: int = 10
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    grad_clip: float = 1.0
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    beta: float = 1.0
+    adv_clip: float = 5.0
+    kl_weight: float = 1e-4
+    train_times: int = 0
+    old_rate: float = 0.001
+    old_max: float = 0.5
+    ema_max: float = 0.9
+    eval_ema: bool = True
+    tau_window: tuple[int, int] = (12, 17)
+    tau_of: int = 25
+    draft_k: int = 1
+    draft_lr: float = 5e-5
+    draft_weight_decay: float = 0.0
+    reg_weight: float = 0.01
+    draft_tau_window: tuple[int, int] = (3, 7)
+    draft_tau_of: int = 10
+    checkpointing: bool = False
+    eval_prompts: int = 4
+    eval_seeds: tuple[int, ...] = (0, 1)
+    eval_every: int = 1
+    eval_steps: int = 0
+    eval_guidance_scale: float = 1.0
+    batch_size: int = 16
+
+    def __post_init__(self):
+        _check(self.method in ALIGN_METHODS, f"method {self.method!r} is not one of {', '.join(ALIGN_METHODS)}")
+        for name in ("updates", "prompts_per_update", "group_size", "lora_rank", "draft_k", "eval_prompts",
+                     "eval_every", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.steps >= 2, f"steps must be >= 2, got {self.steps}")
+        _check(self.method not in ("nft", "nft-stitchvm") or self.group_size >= 2,
+               f"group_size must be >= 2 for DiffusionNFT (optimality is relative to the prompt's group), "
+               f"got {self.group_size}")
+        _check(self.guidance_scale >= 0 and self.eval_guidance_scale >= 0, "guidance scales must be >= 0")
+        _check(0.0 <= self.eta <= 1.0, f"eta must lie in [0, 1], got {self.eta}")
+        for name in ("lora_alpha", "grad_clip", "lr", "draft_lr", "beta", "adv_clip"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "draft_weight_decay", "kl_weight", "reg_weight", "old_rate", "train_times",
+                     "eval_steps"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(0.0 <= self.old_max <= 1.0, f"old_max must lie in [0, 1], got {self.old_max}")
+        _check(0.0 <= self.ema_max <= 1.0, f"ema_max must lie in [0, 1], got {self.ema_max}")
+        for name, of in (("tau_window", "tau_of"), ("draft_tau_window", "draft_tau_of")):
+            w, n = getattr(self, name), getattr(self, of)
+            _check(len(w) == 2 and 1 <= w[0] <= w[1] < n,
+                   f"{name} {list(w)} must be [lo, hi] with 1 <= lo <= hi < {of} ({n})")
+        _check(self.method != "draft" or self.draft_k <= self.steps,
+               f"draft_k ({self.draft_k}) must be <= steps ({self.steps})")
+        _check(len(self.eval_seeds) >= 1, "eval_seeds needs at least one seed")
+
+
+def _check_recipe(recipe) -> None:
+    """The checks every bootstrap recipe shares (steps on fresh batches of procedural scenes)."""
+    _check(recipe.steps >= 1, "steps must be >= 1")
+    _check(recipe.batch_size >= 2, "batch_size must be >= 2")
+    _check(recipe.lr > 0, "lr must be > 0")
+
+
+@dataclass(frozen=True)
+class ClipTraining:
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        _check_recipe(self)
+
+
+@dataclass(frozen=True)
+class VaeTraining:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        _check_recipe(self)
+        _check(self.kl_weight >= 0, "kl_weight must be >= 0")
+
+
+@dataclass(frozen=True)
+class FlowTraining:
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 5e-4
+    caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
+
+    def __post_init__(self):
+        _check_recipe(self)
+        _check(0.0 <= self.caption_dropout < 1.0, "caption_dropout must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class HeadTraining:
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        _check_recipe(self)
+
+
+@dataclass(frozen=True)
+class WorldReportConfig:
+    """The bootstrap evaluation: zero-shot accuracy on `scenes` held-out scenes; the prompt-pair win rate over
+    `per_prompt` samples for each of the 8 prompts "a {colour} {shape}" (stitchvm/world/evaluation.py), sampled with
+    `steps` Euler steps at CFG `guidance_scale`."""
+
+    scenes: int = 2000
+    per_prompt: int = 16
+    steps: int = 20
+    guidance_scale: float = 4.5
+
+    def __post_init__(self):
+        _check(self.scenes >= 1, "scenes must be >= 1")
+        _check(self.per_prompt >= 1, "per_prompt must be >= 1")
+        _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The bootstrap stages that pretrain the embedded world (`world_*`, stitchvm/world/pretrained.py)."""
+
+    seed: int = 0
+    clip: ClipTraining = field(default_factory=ClipTraining)
+    vae: VaeTraining = field(default_factory=VaeTraining)
+    backbone: FlowTraining = field(default_factory=FlowTraining)
+    aesthetic: HeadTraining = field(default_factory=HeadTraining)
+    report: WorldReportConfig = field(default_factory=WorldReportConfig)
+
+
+GUIDANCE_METHODS = ("unguided", "dps-tweedie", "dps-stitchvm", "fk-tweedie", "fk-stitchvm", "best-of-n")
+
+
+def parse_schedule(text: str) -> tuple[str, tuple[float, ...]]:
+    """A guidance schedule c_t / scale: `constant`, `power:P` (σ^P) or `window:LO:HI` (1 for σ in [LO, HI])."""
+    kind, _, rest = str(text).partition(":")
+    try:
+        args = tuple(float(a) for a in rest.split(":")) if rest else ()
+    except ValueError:
+        raise ValueError(f"schedule {text!r}: arguments must be numbers") from None
+    ok = {"constant": len(args) == 0, "power": len(args) == 1,
+          "window": len(args) == 2 and 0 <= args[0] <= args[1] <= 1}
+    _check(ok.get(kind, False), f"schedule {text!r} is not 'constant', 'power:P' or 'window:LO:HI' "
+                                f"(0 <= LO <= HI <= 1)")
+    return kind, args
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Reward-guided sampling (the `guidance` stage and `bench guidance`): every method on the same prompts and seeds.
+
+    Scales differ by orders of magnitude between the two DPS value sources (paper sweeps: Tweedie 0.01–0.5,
+    StitchVM 0.5–7); schedules are `constant`, `power:P` or `window:LO:HI` on σ. `eta` is the stochastic sampler's
+    noise level for every method (FK needs eta > 0 for its proposals to differ). FK: `particles` N, `proposals` M
+    during the first `proposal_fraction` of the steps, resampling every `resample_every` steps inside `window`
+    (fractions of the steps). Best-of-N keeps, per prompt, the best of `best_of_n` independent samples by the true
+    reward (the teacher on the decoded image): an oracle reference. `prompts` test prompts × `per_prompt` samples,
+    sampled `batch_size` at a time (chunk k uses the generator seeded `seed + k`, the same for every method).
+    `value_i`/`value_j`: the stitch of an untrained value model, used only where no trained one exists (benchmarks
+    on `arch` sizes, counting mode). `count_resolutions`: pixel sizes of the counting mode (`bench guidance --count`).
+    """
+
+    methods: tuple[str, ...] = GUIDANCE_METHODS
+    steps: int = 10
+    guidance_scale: float = 4.5
+    eta: float = 1.0
+    scale_tweedie: float = 0.1
+    scale_stitchvm: float = 2.0
+    schedule_tweedie: str = "constant"
+    schedule_stitchvm: str = "constant"
+    particles: int = 4
+    proposals: int = 2
+    proposal_fraction: float = 0.4
+    resample_every: int = 4
+    window: tuple[float, ...] = (0.2, 0.8)
+    best_of_n: int = 4
+    prompts: int = 4
+    per_prompt: int = 2
+    batch_size: int = 8
+    seed: int = 0
+    value_i: int = 4
+    value_j: int = 4
+    count_resolutions: tuple[int, ...] = (512, 1024)
+
+    def __post_init__(self):
+        _check(len(self.methods) >= 1, "methods must name at least one method")
+        bad = [m for m in self.methods if m not in GUIDANCE_METHODS]
+        _check(not bad, f"unknown method {bad[0]!r} in methods (known: {', '.join(GUIDANCE_METHODS)})" if bad else "")
+        _check(len(set(self.methods)) == len(self.methods), "methods must not repeat")
+        _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")
+        _check(0.0 <= self.eta <= 1.0, "eta must lie in [0, 1]")
+        _check(self.scale_tweedie >= 0 and self.scale_stitchvm >= 0, "guidance scales must be >= 0")
+        parse_schedule(self.schedule_tweedie)
+        parse_schedule(self.schedule_stitchvm)
+        _check(self.particles >= 1 and self.proposals >= 1, "particles and proposals must be >= 1")
+        _check(0.0 <= self.proposal_fraction <= 1.0, "proposal_fraction must lie in [0, 1]")
+        _check(self.resample_every >= 1, "resample_every must be >= 1")
+        _check(len(self.window) == 2 and 0.0 <= self.window[0] <= self.window[1] <= 1.0,
+               f"window must be [lo, hi] with 0 <= lo <= hi <= 1, got {list(self.window)}")
+        _check(self.best_of_n >= 1, "best_of_n must be >= 1")
+        _check(self.prompts >= 1 and self.per_prompt >= 1, "prompts and per_prompt must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.value_i >= 1 and self.value_j >= 1, "value_i and value_j must be >= 1")
+        _check(len(self.count_resolutions) >= 1 and all(r >= 8 for r in self.count_resolutions),
+               "count_resolutions must list pixel sizes >= 8")
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
@@ -206,6 +449,9 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def __post_init__(self):
         _check(self.evaluate.gate_sigma in self.noisy.sigmas,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 
+import torch
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -33,16 +35,17 @@ def search_heatmap(table: list[dict], chosen: tuple[int, int]) -> bytes:
     return _png(fig)
 
 
-def training_curve(history: list[dict]) -> bytes:
+def training_curve(history: list[dict], keys=("loss", "embed", "tokens", "score"),
+                   title: str = "distillation loss") -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [r["step"] for r in history]
-    for key in ("loss", "embed", "tokens", "score"):
+    for key in keys:
         if history and key in history[0]:
             ax.plot(steps, [r[key] for r in history], label=key, lw=1)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("distillation loss")
+    ax.set_title(title)
     return _png(fig)
 
 
@@ -57,3 +60,42 @@ def value_vs_sigma(rows: list[dict], metrics=("spearman_within_prompt", "spearma
         ax.set_title(metric)
         ax.legend()
     return _png(fig)
+
+
+# ---- image grids ---------------------------------------------------------------------------------------------------
+TILE = 96  # minimum tile size in the grids (small images are enlarged, nearest-neighbour)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(S, 3, H, W) pixels in [-1, 1] -> (S, H, W, 3) uint8 on the CPU."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def image_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], headers: list[str] | None = None) -> bytes:
+    """PNG: one row per (label, (S, H, W, 3) uint8 images, (S,) rewards); each tile captioned with its reward,
+    each column headed by `headers` (its prompt)."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][1].shape[1:3]
+    scale = max(1, -(-TILE // max(h, w)))
+    th, tw = h * scale, w * scale
+    label_w, caption_h, pad = 130, 14, 4
+    cols = max(len(images) for _, images, _ in rows)
+    top = caption_h + pad if headers else 0
+    canvas = Image.new("RGB", (label_w + cols * (tw + pad), top + len(rows) * (th + caption_h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(headers or []):
+        chars = max(4, tw // 6)
+        draw.text((label_w + c * (tw + pad) + 2, 1), text if len(text) <= chars else text[:chars - 2] + "..",
+                  fill="black")
+    for r, (label, images, rewards) in enumerate(rows):
+        y = top + r * (th + caption_h + pad)
+        draw.text((4, y + th // 2 - 12), label, fill="black")
+        draw.text((4, y + th // 2 + 2), f"mean {rewards.mean().item():.4g}", fill="gray")
+        for c, (img, value) in enumerate(zip(images, rewards)):
+            x = label_w + c * (tw + pad)
+            canvas.paste(Image.fromarray(img.numpy()).resize((tw, th), Image.NEAREST), (x, y))
+            draw.text((x + 2, y + th + 1), f"{value.item():.3g}", fill="black")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

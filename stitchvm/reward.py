@@ -19,6 +19,7 @@ from .backbone import DTYPES, fan_in_init_, seeded
 from .config import RewardSpec
 from .presets import REWARD_PRESETS, is_preset, lookup
 from .tokenizer import tiny_clip_tokenizer
+from .world.pretrained import check_world_source, is_world, world_path
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -169,11 +170,19 @@ def build_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> ClipRe
         tokenizer = tiny_clip_tokenizer()
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     else:
-        clip = CLIPModel.from_pretrained(spec.source, dtype=dtype).to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(spec.source)
-        mean, std = _image_normalisation(spec.source)
+        source = _world_clip(spec.source) if is_world(spec.source) else spec.source
+        clip = CLIPModel.from_pretrained(source, dtype=dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+        mean, std = _image_normalisation(source)
     head = _build_head(spec, clip.config.projection_dim, device) if spec.kind == "aesthetic" else None
     return ClipReward(spec, clip.to(dtype), tokenizer, head, mean, std).to(device)
+
+
+def _world_clip(source: str) -> Path:
+    check_world_source(source)
+    if source != "world:clip":
+        raise ValueError(f"{source!r} is a diffusion backbone, not a reward model (use world:clip)")
+    return world_path("clip")
 
 
 def _build_head(spec: RewardSpec, in_dim: int, device) -> AestheticHead:
@@ -182,7 +191,7 @@ def _build_head(spec: RewardSpec, in_dim: int, device) -> AestheticHead:
             LAION_AESTHETIC_WIDTHS)
         with seeded(spec.seed + 1), torch.device(device):
             return AestheticHead(in_dim, widths)
-    path = Path(spec.head)
+    path = world_path("aesthetic.safetensors") if spec.head == "world" else Path(spec.head)
     if not path.is_file():
         raise FileNotFoundError(f"aesthetic head weights {path} do not exist (reward.head)")
     if path.suffix == ".safetensors":

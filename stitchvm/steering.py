@@ -5,6 +5,8 @@ draws M proposals from the transition kernel and keeps the one with the highest 
 G = exp(V(z_{t-Δ}) - V(z_t)) accumulate between resampling steps (every `resample_every` steps inside the window),
 where particles are resampled multinomially within their prompt's group. The output is, per prompt, the particle with
 the highest final potential. With N = 1 and M = 1 it is exactly the base sampler.
+
+`best_of_n` is the reference: N independent samples per prompt, the best kept by a score (usually the true reward).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torch
 from .backbone import Backbone
 from .flow import tweedie_z0
 from .reward import ClipReward
-from .sampling import (cfg_velocity, check_eta, check_prompts, check_steps, encode, initial_latents, sde_step,
-                       timesteps)
+from .sampling import (cfg_velocity, check_eta, check_prompts, check_steps, encode, initial_latents, sample,
+                       sde_step, timesteps)
 from .value_model import StitchedValueModel
 
 Potential = Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor]  # (B, C, H, W), (B,), prompts -> (B,)
@@ -95,3 +97,46 @@ def fk_sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale
         return z, v
     best = v.view(len(prompts), particles).argmax(1) + torch.arange(len(prompts), device=v.device) * particles
     return z[best], v[best]
+
+
+# ---- best-of-N: the reference ------------------------------------------------------------------------------------
+Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # clean latents (B, C, H, W), prompts -> (B,)
+
+
+def reward_scorer(backbone: Backbone, reward: ClipReward) -> Scorer:
+    """The true reward: the teacher on the decoded clean image, r(D(z0)) (with the prompt for a CLIP reward)."""
+    def score(z0, prompts):
+        embeds, _ = reward.image_features(backbone.decode(z0))
+        text = reward.text_embeds(prompts).to(embeds) if reward.spec.kind == "clip" else None
+        return reward.score(embeds, text)
+    return score
+
+
+def value_scorer(value_model: StitchedValueModel) -> Scorer:
+    """V at σ = 0 (no decode): selection by the value model instead of the reward."""
+    return lambda z0, prompts: value_model(z0, torch.zeros(z0.shape[0], device=z0.device, dtype=z0.dtype), prompts)
+
+
+@torch.no_grad()
+def best_of_n(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: float,
+              generator: torch.Generator | None, score: Scorer, n: int = 4, eta: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, the best of `n` independent samples by `score`: ((B, C, h, w) latents, (B,) their scores).
+
+    The reference method: `score` is usually `reward_scorer` (the true reward, an oracle no sampler has). The n
+    candidates are n successive `sampling.sample` calls on the one `generator`, so candidate 0 is exactly the
+    unguided sample of the same generator state (the best of n never scores below it); ties keep the earliest.
+    """
+    prompts = check_prompts(prompts)
+    n = _check_count(n, "n (best-of-N candidates)")
+    best_z, best_s = None, None
+    for _ in range(n):
+        z = sample(backbone, prompts, steps, guidance_scale, generator, eta=eta)
+        s = score(z, prompts).float()
+        if best_z is None:
+            best_z, best_s = z, s
+        else:
+            better = s > best_s
+            best_z = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z, best_z)
+            best_s = torch.where(better, s, best_s)
+    return best_z, best_s

@@ -229,3 +229,49 @@ def log_png(png: bytes, name: str) -> None:
         with open(path, "wb") as f:
             f.write(png)
         mlflow.log_artifact(path)
+
+
+# ---- LoRA adapters (training-time alignment) ---------------------------------------------------------------------
+def log_adapter(folder: str | os.PathLike, artifact_path: str = "adapter", registered_name: str | None = None,
+                alias: str | None = None, description: str | None = None) -> ModelVersion | None:
+    """Log a saved LoRA adapter folder (peft format) as artifacts of the active run under `artifact_path`; register it
+    as a version of `registered_name` (source: the logged folder) and point `alias` at it. Returns the ModelVersion
+    (None when `registered_name` is None). The adapter is not a pyfunc: consumers download the folder
+    (`mlflow.artifacts.download_artifacts(version.source)`) and load it with `stitchvm.lora.LoraPolicy.load`.
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_adapter needs an active MLflow run: call it inside `with start_run(...)`")
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+    if registered_name is None:
+        return None
+    client = MlflowClient()
+    try:
+        client.get_registered_model(registered_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(registered_name, description=description)
+    version = client.create_model_version(registered_name, source=mlflow.get_artifact_uri(artifact_path),
+                                          run_id=run.info.run_id, description=description)
+    if alias is not None:
+        client.set_registered_model_alias(registered_name, alias, str(version.version))
+    return client.get_model_version(registered_name, str(version.version))
+
+
+# ---- reports (the guidance stage) ----------------------------------------------------------------------------------
+def log_report(experiment: str, report: dict, name: str, pngs: dict[str, bytes] | None = None,
+               metrics: dict[str, float] | None = None, run_id: str | None = None, run_name: str | None = None,
+               tracking_uri: str | None = None) -> str:
+    """Log a JSON report as artifact `name`, PNGs (artifact path -> bytes, e.g. "guidance/dps-tweedie.png") and
+    metrics onto run `run_id` (e.g. the training's run), or onto a new run `run_name`; returns the run id."""
+    with start_run(experiment, run_name=run_name, tracking_uri=tracking_uri, run_id=run_id) as run:
+        if metrics:
+            mlflow.log_metrics(metrics)
+        mlflow.log_dict(report, name)
+        for path, png in (pngs or {}).items():
+            folder, _, file = path.rpartition("/")
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, file)
+                with open(local, "wb") as f:
+                    f.write(png)
+                mlflow.log_artifact(local, artifact_path=folder or None)
+        return run.info.run_id

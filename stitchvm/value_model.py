@@ -36,7 +36,8 @@ class StitchedValueModel(nn.Module):
         self.reward = reward
         embeddings = reward.clip.vision_model.embeddings
         with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
-            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid).to(reward.image_mean.device)
+            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid).to(
+                reward.image_mean.device, embeddings.class_embedding.dtype)  # the reward's dtype (bf16 backbones)
         # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
         cls = embeddings.class_embedding if class_token is None else class_token
         self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1))  # (1, 1, D)

@@ -1,5 +1,6 @@
 """The Dagster front-end on real Dagster: in-process materialisation of every asset and check, the asset graph vs
-the stage DAG, workspace.yaml and `dagster asset materialize --select '*'` on the command line, failing checks."""
+the stage DAG, workspace.yaml and `dagster asset materialize --select 'prompts*'` on the command line, failing checks.
+The world's bootstrap assets are not materialised here (tests/test_world_stages.py trains a reduced world)."""
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from dagster import AssetCheckSeverity, AssetKey, AssetSelection, DagsterInstanc
 
 import pipelines  # noqa: E402
 from assets import MlflowResource, StitchVMResource  # noqa: E402
-from stitchvm.stages import GRAPH  # noqa: E402
+from stitchvm.stages import BOOTSTRAP, GRAPH  # noqa: E402
 
 # tests/test_smoke.py's reduced run, one evaluation σ, and a gate loose enough to pass (so `champion` is exercised)
 SMALL = {
@@ -31,6 +32,7 @@ SMALL = {
     "search": {"j_max": 2, "batch_size": 8},
     "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 10},
     "evaluate": {"batch_size": 8, "gate_sigma": 0.5, "min_spearman_within_prompt": -1.0, "max_loss_ratio": 100.0},
+    "guidance": {"steps": 3, "prompts": 2, "per_prompt": 1, "particles": 2, "best_of_n": 2},
 }
 MODEL = "stitchvm-value"
 METADATA = {
@@ -43,6 +45,7 @@ METADATA = {
     "search": {"pair", "best_error", "pairs_searched", "path", "error_table", "heatmap"},
     "train": {"steps", "seconds", "samples_per_s", "first_loss", "final_loss", "pair", "path", "curve",
               "mlflow_run_id", "model_version", "mlflow_run_url", "model_version_url"},
+    "guidance": {"rows", "reward_gain", "pair", "device", "report", "samples", "vs_unguided/dps-stitchvm"},
     "evaluate": {"dagster/row_count", "eval_table", "spearman_within_prompt@0.5", "distill_loss@0.5", "trivial_loss",
                  "gate_passed", "gate_checks", "champion", "model_version", "report", "plot", "model_version_url"},
 }
@@ -112,11 +115,15 @@ def test_asset_graph_is_the_stage_graph():
         assert {k.to_user_string() for k in graph.get(AssetKey(name)).parent_keys} == set(upstream), name
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {"prompts": "data", "samples": "data", "labels": "data", "noisy": "data",
-                      "search": "model", "train": "model", "evaluate": "model"}
+                      "search": "model", "train": "model", "evaluate": "model", "guidance": "alignment",
+                      **{n: "world" for n in BOOTSTRAP}}
     pools = {name: pipelines.defs.resolve_assets_def(name).op.pool for name in GRAPH}
-    assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "train", "evaluate"}
+    assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "train", "evaluate",
+                                                                  "guidance"}
     job_keys = pipelines.defs.resolve_job_def("stitchvm_all").asset_layer.selected_asset_keys
-    assert {k.to_user_string() for k in job_keys} == set(GRAPH)
+    assert {k.to_user_string() for k in job_keys} == set(GRAPH) - set(BOOTSTRAP)
+    world_keys = pipelines.defs.resolve_job_def("world_bootstrap").asset_layer.selected_asset_keys
+    assert {k.to_user_string() for k in world_keys} == set(BOOTSTRAP)
 
 
 def test_materialize_all_assets_with_metadata_and_passing_checks(run, env):
@@ -124,7 +131,7 @@ def test_materialize_all_assets_with_metadata_and_passing_checks(run, env):
     for name, keys in METADATA.items():
         (mat,) = run.asset_materializations_for_node(name)
         assert keys <= set(mat.metadata), f"{name}: missing {keys - set(mat.metadata)}"
-    md = {name: run.asset_materializations_for_node(name)[0].metadata for name in GRAPH}
+    md = {name: run.asset_materializations_for_node(name)[0].metadata for name in GRAPH if name not in BOOTSTRAP}
     assert md["samples"]["dagster/row_count"].value == 4 * 8 and md["samples"]["shards"].value == 4
     assert md["samples"]["shards_written"].value == 4 and md["labels"]["dagster/row_count"].value == 32
     assert md["search"]["heatmap"].value.startswith("![stitch search heatmap](data:image/png;base64,iVBOR")
@@ -202,8 +209,8 @@ def test_a_failed_gate_is_a_warning(run, env, tmp_path):
 
 def test_the_dagster_cli_materializes_everything(env, tmp_path):
     """The command line, in a fresh DAGSTER_HOME, on a params file given through STITCHVM_PARAMS: workspace.yaml
-    loads (what `dagster dev -w workspace.yaml` reads), and `dagster asset materialize --select '*'` on the module it
-    names runs every asset and check with the code location's multiprocess executor.
+    loads (what `dagster dev -w workspace.yaml` reads), and `dagster asset materialize --select 'prompts*'` on the
+    module it names runs every pipeline asset (all but the world's bootstrap) and check with the code location's multiprocess executor.
 
     `dagster asset materialize` has no -w/--workspace option in dagster 1.13 (it takes a single code location:
     -m/-f/--package-name), so it is pointed at the `pipelines` module that workspace.yaml names."""
@@ -223,8 +230,8 @@ def test_the_dagster_cli_materializes_everything(env, tmp_path):
                                 env={**cli_env, "DAGSTER_HOME": str(dagster_home(tmp_path / "validate_home"))},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "-d", str(ROOT), "--select", "*"],
-                              cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "-d", str(ROOT),
+                               "--select", "prompts*"], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
         validated = validate.communicate(timeout=120)[0]
     finally:
         if validate.poll() is None:

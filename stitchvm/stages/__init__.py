@@ -5,15 +5,25 @@
 from importlib import import_module
 
 GRAPH: dict[str, tuple[str, ...]] = {
+    # bootstrap: pretrain the embedded world (shipped in stitchvm/world/pretrained/, so normally up to date)
+    "world_clip": (),
+    "world_vae": (),
+    "world_backbone": ("world_clip", "world_vae"),
+    "world_aesthetic": ("world_clip",),
+    "world_report": ("world_clip", "world_vae", "world_backbone", "world_aesthetic"),
+    # the value-model pipeline (its models come from params; the world's edges are the `world:` sources)
     "prompts": (),
-    "samples": ("prompts",),
-    "labels": ("samples",),
+    "samples": ("prompts", "world_clip", "world_vae", "world_backbone"),
+    "labels": ("samples", "world_clip", "world_vae", "world_aesthetic"),
     "noisy": ("samples",),
     "search": ("noisy", "samples"),
     "train": ("search", "samples", "labels"),
     "evaluate": ("train", "noisy", "samples", "labels", "prompts"),
+    # consumers of the value model: inference-time guidance (and training-time alignment)
+    "guidance": ("train", "prompts"),
 }
 PARTITIONED = ("samples", "labels")  # one partition per shard
+BOOTSTRAP = tuple(name for name in GRAPH if name.startswith("world_"))
 
 
 def stage(name: str):

@@ -1,0 +1,34 @@
+"""Alignment assets: the consumers of the value model (inference-time guidance, training-time alignment)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import MaterializeResult, MetadataValue, asset
+
+from stitchvm.stages import GRAPH, stage
+
+from .metadata import md_table, png_md, stage_doc as doc
+from .resources import StitchVMResource
+
+GROUP = "alignment"
+ROW_COLUMNS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std")
+
+
+@asset(group_name=GROUP, deps=list(GRAPH["guidance"]), pool="gpu", description=doc("guidance"))
+def guidance(stitchvm: StitchVMResource) -> MaterializeResult:
+    params = stitchvm.params()
+    summary = stage("guidance").run(params, stitchvm.paths(params), progress=False)
+    metadata = {
+        "rows": md_table(summary["rows"], ROW_COLUMNS),
+        "reward_gain": MetadataValue.json(summary.get("reward_gain", {})),
+        "pair": MetadataValue.json(summary["pair"]),
+        "device": MetadataValue.text(summary["device"]),
+        "report": MetadataValue.path(str(Path(summary["report"]).resolve())),
+        "samples": png_md(Path(summary["grid"]).read_bytes(), "samples per method, same seeds"),
+        **{f"vs_unguided/{Path(name).stem}": png_md(Path(path).read_bytes(), f"unguided vs {Path(name).stem}")
+           for name, path in summary["grids"].items()},
+    }
+    return MaterializeResult(metadata=metadata)
+
+
+ASSETS = [guidance]

@@ -1,0 +1,153 @@
+"""Shared pieces of training-time alignment (DiffusionNFT, DRaFT): rollouts, the true reward, fixed evaluation,
+time accounting.
+
+Steps and times: a rollout of `steps` steps walks the σ grid `sigmas = sampling.timesteps(backbone, steps)` from
+σ_0 = 1 down to σ_steps = 0. "Stop at step τ" means after τ sampler steps, at t = σ_τ (τ = steps: the clean latent).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .backbone import Backbone
+from .reward import ClipReward
+from .sampling import Conditioning, cfg_velocity, encode, initial_latents, sde_step, timesteps
+
+
+def grid(backbone: Backbone, steps: int, latent_size: int | None = None) -> torch.Tensor:
+    """(steps + 1,) σ grid of the pipeline for latents of side `latent_size` (default: the backbone's)."""
+    size = latent_size or backbone.image_size // backbone.vae_scale
+    return timesteps(backbone, steps, (size // backbone.patch_size) ** 2)
+
+
+def rollout(backbone: Backbone, conditioning: Conditioning, z: torch.Tensor, sigmas: torch.Tensor, stop: int,
+            eta: float = 0.0, generator: torch.Generator | None = None, grad_from: int | None = None,
+            on_step=None, checkpointing: bool = False) -> torch.Tensor:
+    """Run sampler steps 0..stop-1 from z at σ_0 (CFG velocity of `conditioning`, DDIM-η step of `sampling`).
+
+    Steps k >= `grad_from` run with autograd (None: no step does); earlier steps run under no_grad. `on_step(k, z, t,
+    v)` is called after each differentiable step's velocity (DRaFT's regulariser). `checkpointing` recomputes each
+    differentiable transformer pass in the backward instead of storing its activations.
+    """
+    sigmas = sigmas.to(z.device)
+    n = z.shape[0]
+
+    def velocity(z_in, t):
+        return cfg_velocity(backbone, z_in, t, conditioning.cond, conditioning.uncond, conditioning.scale)
+
+    for k in range(stop):
+        s, s_next = sigmas[k], sigmas[k + 1]
+        t = s.expand(n).to(z.dtype)
+        grad = grad_from is not None and k >= grad_from
+        with torch.set_grad_enabled(grad):
+            if grad and checkpointing:
+                v = checkpoint(velocity, z, t, use_reentrant=False)
+            else:
+                v = velocity(z, t)
+            if grad and on_step is not None:
+                on_step(k, z, t, v)
+            z = sde_step(z, v, s, s_next, eta, generator)
+    return z
+
+
+def text_embeds(reward: ClipReward, prompts: list[str]) -> torch.Tensor | None:
+    return reward.text_embeds(prompts) if reward.spec.kind == "clip" else None
+
+
+def reward_of(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(B,) r(D(z0), prompt): the teacher on the decoded image; differentiable in z0 (DRaFT backpropagates it)."""
+    embeds, _ = reward.image_features(backbone.decode(z0))
+    text = text_embeds(reward, prompts)
+    return reward.score(embeds, None if text is None else text.to(embeds.dtype))
+
+
+@torch.no_grad()
+def true_reward(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str],
+                batch_size: int = 16) -> torch.Tensor:
+    """(B,) the true reward of clean latents, in batches, without autograd."""
+    out = [reward_of(backbone, reward, z0[k:k + batch_size], prompts[k:k + batch_size])
+           for k in range(0, len(prompts), batch_size)]
+    return torch.cat(out).float()
+
+
+def noise_for_seeds(backbone: Backbone, seeds: list[int]) -> torch.Tensor:
+    """(len(seeds), C, h, w): the initial noise of each seed (one generator per seed, the pipeline's draw)."""
+    return torch.cat([initial_latents(backbone, 1, torch.Generator().manual_seed(int(s)))
+                      for s in seeds])
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Fixed evaluation prompts × seeds: every prompt is sampled from every seed's noise, so two policies (or the
+    same policy before and after training) are compared on identical inputs."""
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    guidance_scale: float = 1.0
+
+    def expanded(self) -> tuple[list[str], list[int]]:
+        return [p for p in self.prompts for _ in self.seeds], [s for _ in self.prompts for s in self.seeds]
+
+
+@torch.no_grad()
+def evaluate(backbone: Backbone, reward: ClipReward, evalset: EvalSet, batch_size: int = 16
+             ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(mean true reward, (N,) rewards, (N, C, h, w) clean latents) of fully denoised Euler samples of `backbone`
+    (whatever adapter is active) on the fixed evaluation prompts and seeds."""
+    prompts, seeds = evalset.expanded()
+    sigmas = grid(backbone, evalset.steps)
+    z_all = []
+    for k in range(0, len(prompts), batch_size):
+        ps = prompts[k:k + batch_size]
+        z = noise_for_seeds(backbone, seeds[k:k + batch_size])
+        z_all.append(rollout(backbone, encode(backbone, ps, evalset.guidance_scale), z, sigmas, evalset.steps))
+    z0 = torch.cat(z_all)
+    r = true_reward(backbone, reward, z0, prompts, batch_size)
+    return float(r.mean()), r, z0
+
+
+@dataclass
+class Timer:
+    """Accumulated wall time per phase (`with timer("sampling"): ...`), synchronising CUDA at the boundaries."""
+    device: torch.device | str = "cpu"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        sync = torch.device(self.device).type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if sync:
+                torch.cuda.synchronize(self.device)
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        """The accumulated seconds, then reset."""
+        out, self.seconds = dict(self.seconds), {}
+        return out
+
+
+def scaled_window(window: tuple[int, int], of: int, steps: int) -> tuple[int, int]:
+    """A stopping window `(lo, hi)` given for `of` steps, scaled to `steps` (rounded, kept inside 1..steps-1)."""
+    lo, hi = window
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi < of):
+        raise ValueError(f"stopping window {window} must satisfy 1 <= lo <= hi < {of} (steps it refers to)")
+    if steps < 2:
+        raise ValueError(f"stopping early needs at least 2 sampler steps, got {steps}")
+    a = min(max(round(lo * steps / of), 1), steps - 1)
+    b = min(max(round(hi * steps / of), a), steps - 1)
+    return a, b
+
+
+def draw_tau(window: tuple[int, int], generator: torch.Generator) -> int:
+    """τ uniform in {lo..hi} (inclusive)."""
+    lo, hi = window
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator))

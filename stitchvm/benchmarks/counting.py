@@ -1,0 +1,211 @@
+"""Counting mode of `bench guidance`: FLOPs and saved activations of one guided step, at real sizes, without a GPU.
+
+The models are built on PyTorch's `meta` device (shapes only, no memory, no arithmetic) and one sampler step of each
+method is run through the library's own functions:
+
+- `unguided`: `sampling.cfg_velocity` under no_grad (both CFG branches, one batched call) + `sampling.sde_step`;
+- `dps-tweedie` / `dps-stitchvm`: the `value_and_grad` callable that `guidance.DPSTweedie` / `guidance.DPSStitchVM`
+  hold (`tweedie_value_and_grad`: CFG forward with autograd, Tweedie ẑ0, VAE decode, the reward's resize to its
+  input size and CLIP, backward through all of it; `stitchvm_value_and_grad`: the unconditional branch's first i
+  blocks shared with the value head, stitch + reward tail, backward through those only, the conditional branch under
+  no_grad), then the correction `-c ∇V` and `sde_step`. `DPS.__call__` itself is not run because its coefficient
+  reads σ as a Python float (`guidance._coefficient`: `float(t)`), which a meta tensor cannot give; it is a scalar and
+  costs no FLOPs.
+- `fk-tweedie` / `fk-stitchvm` (per particle, during the proposal phase): the CFG velocity, M proposal steps and the
+  M potentials `steering.tweedie_potential` / `steering.stitchvm_potential` (no autograd).
+
+FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; elementwise ops count 0). Its
+module tracker is replaced by a no-op: the tracker raises when a module's input is a leaf that requires grad inside
+`autograd.grad` (DPS-StitchVM's head gets `z_t` itself), and only the global total is needed here.
+Saved activations: every tensor autograd saves for backward (`torch.autograd.graph.saved_tensors_hooks`), counted
+once per storage, parameters and buffers excluded.
+Attention: on meta, `scaled_dot_product_attention` would take the math path, which saves the N² attention
+probabilities; a GPU runs a fused kernel that saves only the output and the log-sum-exp. Every SDPA call is
+therefore routed to the fused CPU kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, meta kernel and
+autograd formula included), whose FLOPs are registered with the counter using torch's own SDPA formulas.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from ..backbone import Backbone, build_backbone
+from ..config import GuidanceConfig, ModelSpec, RewardSpec
+from ..guidance import DPSStitchVM, DPSTweedie
+from ..reward import ClipReward, build_reward
+from ..sampling import Conditioning, cfg_velocity, encode, sde_step
+from ..steering import stitchvm_potential, tweedie_potential
+from ..value_model import StitchedValueModel
+
+aten = torch.ops.aten
+COUNTED = ("unguided", "dps-tweedie", "dps-stitchvm", "fk-tweedie", "fk-stitchvm")
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+# ---- the counters ------------------------------------------------------------------------------------------------
+def _flash_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _flash_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+class _NoModules:
+    """Stands in for FlopCounterMode's module tracker: everything is counted under 'Global'."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+class FlopCounter(FlopCounterMode):
+    """`FlopCounterMode` with the fused CPU attention kernel registered and without the per-module breakdown."""
+
+    def __init__(self):
+        super().__init__(display=False, custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _flash_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_backward_flops,
+        })
+        self.mod_tracker = _NoModules()
+
+
+class FusedAttention(TorchFunctionMode):
+    """Route `F.scaled_dot_product_attention` to the fused (flash) CPU kernel, as a GPU would run a fused one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            for name, value in zip(names, args[3:]):
+                kwargs[name] = value
+            q, k, v = args[:3]
+            if not kwargs.get("enable_gqa", False) and q.shape[-3] == k.shape[-3]:
+                out, _ = aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
+                    attn_mask=kwargs.get("attn_mask"), scale=kwargs.get("scale"))
+                return out
+            args = args[:3]
+        return func(*args, **kwargs)
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd saves for backward, each storage once, `exclude` (parameters, buffers) skipped."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.exclude = {StorageWeakRef(t.untyped_storage()).cdata for m in modules
+                        for t in (*m.parameters(), *m.buffers())}
+        self.seen: dict[int, int] = {}
+        self._keep: list[torch.Tensor] = []
+
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+            key = StorageWeakRef(t.untyped_storage()).cdata
+            if key not in self.exclude and key not in self.seen:
+                self.seen[key] = t.untyped_storage().nbytes()
+                self._keep.append(t)  # keeps the storage (and so its key) alive until the count is read
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.seen.values())
+
+    @contextmanager
+    def __call__(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+
+# ---- one step of each method -----------------------------------------------------------------------------------
+def _step(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel, z: torch.Tensor,
+          t: torch.Tensor, cond: Conditioning, cfg: GuidanceConfig):
+    s, s_next = 0.5, 0.45
+    if method == "unguided":
+        with torch.no_grad():
+            return sde_step(z, cfg_velocity(backbone, z, t, cond.cond, cond.uncond, cond.scale), s, s_next, cfg.eta)
+    if method in ("dps-tweedie", "dps-stitchvm"):
+        dps = (DPSTweedie(reward, cfg.scale_tweedie) if method == "dps-tweedie"
+               else DPSStitchVM(value_model, cfg.scale_stitchvm))
+        out = dps.value_and_grad(backbone, z, t, cond)  # what DPS.__call__ runs at a guided step
+        with torch.no_grad():
+            return sde_step(z, out.velocity - dps.scale * out.grad, s, s_next, cfg.eta)
+    potential = (tweedie_potential(backbone, reward) if method == "fk-tweedie" else stitchvm_potential(value_model))
+    with torch.no_grad():  # fk_sample is no_grad throughout
+        u = cfg_velocity(backbone, z, t, cond.cond, cond.uncond, cond.scale)
+        t_next = torch.full_like(t, s_next)
+        cands = [sde_step(z, u, s, s_next, cfg.eta) for _ in range(cfg.proposals)]
+        return [potential(c, t_next, cond.prompts) for c in cands]
+
+
+def count_step(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel,
+               resolution: int, cfg: GuidanceConfig, batch: int = 1) -> dict:
+    """FLOPs and saved activations of one step of `method` at `resolution`² pixels for `batch` prompts."""
+    if method not in COUNTED:
+        raise ValueError(f"counting mode has no per-step cost for {method!r} (counted: {', '.join(COUNTED)})")
+    if resolution % (backbone.vae_scale * backbone.patch_size):
+        raise ValueError(f"resolution {resolution} is not a multiple of {backbone.vae_scale * backbone.patch_size}")
+    dev = backbone.device
+    size = resolution // backbone.vae_scale
+    z = torch.randn(batch, backbone.latent_channels, size, size, device=dev, dtype=backbone.transformer.dtype)
+    t = torch.full((batch,), 0.5, device=dev, dtype=z.dtype)
+    cond = encode(backbone, [PROMPT] * batch, cfg.guidance_scale)
+    reward.text_embeds([PROMPT])  # the text tower runs once per prompt (cached), not per step
+    saved = SavedActivations(backbone.transformer, backbone.vae, reward, value_model)
+    start = time.perf_counter()
+    with FusedAttention(), FlopCounter() as flops, saved():
+        _step(method, backbone, reward, value_model, z.view_as(z), t, cond, cfg)
+    return {"method": method, "resolution": resolution, "tflops_per_step": flops.get_total_flops() / 1e12,
+            "saved_activation_gb": saved.bytes / 2**30, "count_s": round(time.perf_counter() - start, 2)}
+
+
+def build_meta(backbone: ModelSpec, reward: RewardSpec, i: int, j: int
+               ) -> tuple[Backbone, ClipReward, StitchedValueModel]:
+    """The models of the specs on the meta device (presets only: real weights cannot be loaded there)."""
+    for spec in (backbone, reward):
+        if not spec.source.startswith(("tiny:", "arch:")):
+            raise ValueError(f"counting mode builds models on the meta device, which needs a preset source "
+                             f"(arch:… or tiny:…), got {spec.source!r}")
+    bb, rw = build_backbone(backbone, "meta"), build_reward(reward, "meta")
+    return bb, rw, StitchedValueModel(bb, rw, i, j)
+
+
+def count(backbone: ModelSpec, reward: RewardSpec, cfg: GuidanceConfig, resolutions=None,
+          methods=None, progress: bool = True) -> list[dict]:
+    """Rows {method, resolution, tflops_per_step, saved_activation_gb} for every counted method and resolution."""
+    bb, rw, vm = build_meta(backbone, reward, cfg.value_i, cfg.value_j)
+    methods = [m for m in (methods or cfg.methods) if m in COUNTED]
+    rows = []
+    for res in resolutions or cfg.count_resolutions:
+        for m in methods:
+            rows.append(count_step(m, bb, rw, vm, res, cfg))
+            if progress:
+                r = rows[-1]
+                print(f"  counted {m} at {res}²: {r['tflops_per_step']:.4g} TFLOP, "
+                      f"{r['saved_activation_gb']:.4g} GiB saved ({r['count_s']} s)", flush=True)
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per resolution: DPS-Tweedie / DPS-StitchVM FLOPs, DPS-StitchVM / unguided FLOPs, saved-activation ratio."""
+    out = {}
+    for res in dict.fromkeys(r["resolution"] for r in rows):
+        by = {r["method"]: r for r in rows if r["resolution"] == res}
+        if not {"unguided", "dps-tweedie", "dps-stitchvm"} <= set(by):
+            continue
+        tw, vm, un = by["dps-tweedie"], by["dps-stitchvm"], by["unguided"]
+        out[str(res)] = {
+            "tweedie_over_stitchvm_flops": tw["tflops_per_step"] / vm["tflops_per_step"],
+            "stitchvm_over_unguided_flops": vm["tflops_per_step"] / un["tflops_per_step"],
+            "stitchvm_over_tweedie_saved": (vm["saved_activation_gb"] / tw["saved_activation_gb"]
+                                            if tw["saved_activation_gb"] else None),
+        }
+    return out

@@ -1,0 +1,110 @@
+"""DRaFT-K and DRaFT + StitchVM: reward fine-tuning by backpropagating through the last steps of the sampler.
+
+Per update, `prompts_per_update` × `group_size` rollouts of the trained policy (adapter "default", CFG
+`guidance_scale`, DDIM-η steps of `stitchvm.sampling`):
+- `draft` (DRaFT-K): all `steps` steps; steps 0..steps-K-1 without autograd, the last K with autograd; objective
+  the terminal reward R = r(D(z0), prompt) (decoder and teacher differentiable).
+- `draft-stitchvm`: the rollout stops after τ steps (τ uniform in the scaled window, one τ per update); the K
+  steps before τ carry autograd; objective V(z_τ, σ_τ, prompt) of the frozen stitched value model (its head runs on
+  the base backbone, not the adapter).
+
+Loss: L = -mean_b R_b + λ · (1/K) Σ_{differentiable steps k} mean_b mean((v_θ(z_k, t_k) - v_ref(z_k, t_k))²)
+(the output regulariser: the squared distance, per element, between the adapted and the base model's velocity at
+the states the differentiable steps visit; v_ref runs with the adapter disabled and is a constant; λ =
+`reg_weight`, 0.01 in the paper). AdamW (lr `draft_lr`, wd `draft_weight_decay`), grad-norm clip `grad_clip`.
+`checkpointing` recomputes each differentiable transformer pass during the backward (memory for time).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .alignment import EvalSet, Timer, grid, reward_of, rollout
+from .config import AlignConfig
+from .lora import TRAINED, LoraPolicy
+from .nft import _latent_hw, _slice, check_value_model, eval_row, pick_prompts, stopping_step
+from .reward import ClipReward
+from .sampling import cfg_velocity, encode
+from .value_model import StitchedValueModel
+
+
+def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
+                value_model: StitchedValueModel | None = None, evalset: EvalSet | None = None,
+                callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
+    """DRaFT (`cfg.method` "draft" or "draft-stitchvm") for `cfg.updates` updates; returns the history (rows as
+    `stitchvm.nft.train_nft`'s: step 0 = base evaluation, then loss, reward, τ, phase seconds, wall_s, eval_reward)."""
+    method = cfg.method
+    if method not in ("draft", "draft-stitchvm"):
+        raise ValueError(f"train_draft runs 'draft' or 'draft-stitchvm', got method {method!r}")
+    check_value_model(method, value_model, policy)
+    backbone, device = policy.backbone, policy.backbone.device
+    generator = torch.Generator().manual_seed(seed)
+    sigmas = grid(backbone, cfg.steps).to(device)
+    params = policy.parameters(TRAINED)
+    optimiser = torch.optim.AdamW(params, lr=cfg.draft_lr, betas=(0.9, 0.999), weight_decay=cfg.draft_weight_decay)
+    timer = Timer(device)
+    history = [{"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED, cfg.batch_size)}]
+    if callback:
+        callback(history[0])
+    wall = 0.0
+    policy.activate(TRAINED)
+    for step in tqdm(range(cfg.updates), desc=method, disable=not progress):
+        batch_prompts = [p for p in pick_prompts(prompts, cfg.prompts_per_update, generator)
+                         for _ in range(cfg.group_size)]
+        n = len(batch_prompts)
+        tau = stopping_step(cfg, method, generator)
+        k_steps = min(cfg.draft_k, tau)
+        with timer("sampling"):
+            cond = encode(backbone, batch_prompts, cfg.guidance_scale)
+            z_all = torch.randn((n, backbone.latent_channels, *_latent_hw(backbone)), generator=generator)
+            z_all = z_all.to(device, backbone.transformer.dtype)
+        optimiser.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "objective": 0.0, "regulariser": 0.0}
+        rewards = []
+        for a in range(0, n, cfg.batch_size):
+            sl = slice(a, a + cfg.batch_size)
+            c, m = _slice(cond, a, cfg.batch_size), min(a + cfg.batch_size, n) - a
+            reg: list[torch.Tensor] = []
+
+            def regulariser(k, z, t, v, c=c, reg=reg):
+                with torch.no_grad(), policy.reference():
+                    v_ref = cfg_velocity(backbone, z.detach(), t, c.cond, c.uncond, c.scale)
+                reg.append(((v - v_ref) ** 2).mean(tuple(range(1, v.dim()))).mean())
+
+            with timer("sampling"):
+                z = rollout(backbone, c, z_all[sl], sigmas, tau, cfg.eta, generator, grad_from=tau - k_steps,
+                            on_step=regulariser if cfg.reg_weight > 0 else None, checkpointing=cfg.checkpointing)
+            with timer("reward"):
+                if method == "draft":
+                    objective = reward_of(backbone, reward, z, c.prompts)
+                else:
+                    objective = value_model(z, sigmas[tau].expand(m).to(z.dtype), c.prompts)
+            with timer("update"):
+                penalty = torch.stack(reg).mean() if reg else z.new_zeros(())
+                loss = -objective.mean() + cfg.reg_weight * penalty
+                weight = m / n
+                (loss * weight).backward()
+            totals["loss"] += float(loss.detach()) * weight
+            totals["objective"] += float(objective.detach().mean()) * weight
+            totals["regulariser"] += float(penalty.detach()) * weight
+            rewards.append(objective.detach().float())
+        with timer("update"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimiser.step()
+        seconds = timer.take()
+        wall += sum(seconds.values())
+        rewards = torch.cat(rewards)
+        row = {"step": step + 1, **totals, "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
+               "reward_std": float(rewards.std(unbiased=False)), "tau": tau,
+               **{f"{key}_s": v for key, v in seconds.items()}, "wall_s": wall}
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"DRaFT loss became {row['loss']} at update {step + 1}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.updates:
+            row.update(eval_row(policy, reward, evalset, TRAINED, cfg.batch_size))
+        history.append(row)
+        if callback:
+            callback(row)
+    return history

@@ -1,0 +1,182 @@
+"""Stage `align`: train a LoRA adapter on the backbone (DiffusionNFT or DRaFT, with terminal rewards or StitchVM).
+
+Reads the prompts (train split for training, the first `align.eval_prompts` test prompts for evaluation) and, for the
+StitchVM methods, the trained value model. Writes (under `storage.root`) `adapter/` (peft format: adapter_config.json,
+adapter_model.safetensors, stitchvm_adapter.json) and `align/summary.json`; `reports/align.json`,
+`reports/align_curve.png` (true reward of the fixed evaluation samples vs training wall time and vs update) and
+`reports/align_grid.png` (the evaluation samples before / after). With tracking: an MLflow run `align-<method>` with
+per-update metrics (`align/eval_reward`, `align/wall_s`, `align/sampling_s`, `align/reward_s`, `align/update_s`, loss
+terms), both PNGs, the adapter folder, and a registered version of `<mlflow.registered_model>-adapter` (alias
+`candidate`).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..alignment import EvalSet, evaluate
+from ..config import AlignConfig, Params, to_dict
+from ..draft import train_draft
+from ..lora import TRAINED, LoraPolicy
+from ..nft import NFT_ADAPTERS, train_nft
+from ..value_model import StitchedValueModel
+from .runtime import Paths, models
+from .upstream import read_prompts, value_model_dir
+
+ADAPTER, SUMMARY = "adapter", "align/summary.json"
+GRID_COLUMNS = 8
+
+
+def split_prompts(storage, cfg: AlignConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, evaluation prompts) from `prompts.parquet`: train split; first `eval_prompts` of test."""
+    table = read_prompts(storage)
+    rows = list(zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()))
+    train = [p for p, s in rows if s == "train"]
+    test = [p for p, s in rows if s == "test"] or [p for p, s in rows if s == "val"] or train
+    return train, test[:cfg.eval_prompts]
+
+
+def eval_adapter(cfg: AlignConfig) -> str:
+    """The adapter that is evaluated and saved: NFT's EMA weights when `eval_ema`, else the trained one."""
+    return "ema" if cfg.method.startswith("nft") and cfg.eval_ema else TRAINED
+
+
+def train_adapter(params: Params, backbone, reward, train_prompts: list[str], evalset: EvalSet | None,
+                  value_model: StitchedValueModel | None, progress: bool = False, callback=None):
+    """Build the LoRA policy and run `params.align.method`; returns (policy, history)."""
+    cfg = params.align
+    nft = cfg.method.startswith("nft")
+    policy = LoraPolicy(backbone, cfg.lora_rank, cfg.lora_alpha, adapters=NFT_ADAPTERS if nft else (TRAINED,),
+                        seed=params.seed)
+    train = train_nft if nft else train_draft
+    history = train(policy, reward, train_prompts, cfg, params.seed, value_model=value_model, evalset=evalset,
+                    callback=callback, progress=progress)
+    return policy, history
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    cfg = params.align
+    start = time.perf_counter()
+    storage = paths.storage()
+    backbone, reward = models(params)
+    train_prompts, eval_prompts = split_prompts(storage, cfg)
+    value_model = None
+    if cfg.method.endswith("stitchvm"):
+        value_model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
+                                                         device=backbone.device).eval()
+    evalset = EvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps,
+                      cfg.eval_guidance_scale)
+    _, _, z_before = evaluate(backbone, reward, evalset, cfg.batch_size)  # the base model (shared, no adapter)
+    policy, history = train_adapter(params, backbone, reward, train_prompts, evalset, value_model, progress)
+    adapter = eval_adapter(cfg)
+    with policy.use(adapter) as tuned:
+        reward_after, rewards_after, z_after = evaluate(tuned, reward, evalset, cfg.batch_size)
+    reward_before = history[0]["eval_reward"]
+    with tempfile.TemporaryDirectory(prefix="stitchvm-adapter-") as tmp:
+        folder = policy.save(Path(tmp) / ADAPTER, adapter, metadata={"method": cfg.method, "updates": cfg.updates,
+                                                                     "align": to_dict(cfg)})
+        for f in sorted(folder.iterdir()):
+            storage.write_bytes_atomic(f"{ADAPTER}/{f.name}", f.read_bytes())
+        curve = reward_curve(history, cfg.method)
+        grid = sample_grid(backbone, z_before, z_after, evalset)
+        updates = [r for r in history if r["step"] > 0]
+        totals = {f"{phase}_s": round(sum(r.get(f"{phase}_s", 0.0) for r in updates), 3)
+                  for phase in ("sampling", "reward", "update")}
+        train_seconds = updates[-1]["wall_s"] if updates else 0.0
+        summary = {
+            "method": cfg.method, "updates": cfg.updates, "steps": cfg.steps,
+            "batch": cfg.prompts_per_update * cfg.group_size,
+            "reward_before": round(reward_before, 5), "reward_after": round(reward_after, 5),
+            "reward_gain": round(reward_after - reward_before, 5),
+            "train_seconds": round(train_seconds, 3), "sec_per_update": round(train_seconds / max(len(updates), 1), 4),
+            **totals, "seconds": round(time.perf_counter() - start, 3),
+            "evaluated_adapter": adapter, "eval_prompts": list(eval_prompts), "eval_seeds": list(cfg.eval_seeds),
+            "adapter": storage.path(ADAPTER),
+            "curve_png": str(paths.reports / "align_curve.png"), "grid_png": str(paths.reports / "align_grid.png"),
+            "curve": [{"step": r["step"], "wall_s": round(r["wall_s"], 4), "eval_reward": round(r["eval_reward"], 5)}
+                      for r in history if "eval_reward" in r],
+            "run_id": None, "model_version": None,
+        }
+        if paths.track:
+            summary.update(track_alignment(params, history, summary, folder, curve, grid))
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    (paths.reports / "align_curve.png").write_bytes(curve)
+    (paths.reports / "align_grid.png").write_bytes(grid)
+    (paths.reports / "align.json").write_text(json.dumps(summary, indent=2))
+    storage.write_json(SUMMARY, summary)
+    return summary
+
+
+def track_alignment(params: Params, history: list[dict], summary: dict, folder: Path, curve: bytes,
+                    grid: bytes) -> dict:
+    from .. import tracking  # mlflow is imported only where a run is tracked
+    from .train import flat_params
+
+    cfg = params.mlflow
+    with tracking.start_run(cfg.experiment, run_name=f"align-{params.align.method}",
+                            tracking_uri=cfg.tracking_uri) as run:
+        import mlflow
+
+        mlflow.log_params(flat_params(params))
+        tracking.log_history(history, prefix="align")
+        mlflow.log_metrics({f"align/{k}": summary[k] for k in ("reward_before", "reward_after", "reward_gain",
+                                                               "train_seconds", "sec_per_update", "sampling_s",
+                                                               "reward_s", "update_s")})
+        tracking.log_png(curve, "align_curve.png")
+        tracking.log_png(grid, "align_grid.png")
+        mlflow.log_dict(summary, "align.json")
+        version = tracking.log_adapter(folder, "adapter", registered_name=f"{cfg.registered_model}-adapter",
+                                       alias="candidate",
+                                       description=f"LoRA adapter ({params.align.method}) on {params.backbone.source}")
+        return {"run_id": run.info.run_id, "model_version": str(version.version),
+                "registered_model": f"{cfg.registered_model}-adapter", "tracking_uri": mlflow.get_tracking_uri()}
+
+
+# ---- figures ---------------------------------------------------------------------------------------------------
+def reward_curve(history: list[dict], method: str) -> bytes:
+    """True reward of the fixed evaluation samples vs training wall time (left) and vs update (right)."""
+    from ..plots import _png, plt
+
+    rows = [r for r in history if "eval_reward" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    axes[0].plot([r["wall_s"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
+    axes[0].set_xlabel("training wall time (s)")
+    axes[1].plot([r["step"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
+    axes[1].set_xlabel("update")
+    axes[0].set_ylabel("true reward (eval)")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle("alignment: true reward on fixed evaluation prompts and seeds")
+    fig.tight_layout()
+    return _png(fig)
+
+
+@torch.no_grad()
+def decode_images(backbone, z0: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) latents -> (N, H, W, 3) images in [0, 1]."""
+    pixels = torch.cat([backbone.decode(z0[k:k + 8]) for k in range(0, len(z0), 8)])
+    return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+
+
+def sample_grid(backbone, z_before: torch.Tensor, z_after: torch.Tensor, evalset: EvalSet) -> bytes:
+    """Evaluation samples (same prompt and seed per column): base model (top row) and adapter (bottom row)."""
+    from ..plots import _png, plt
+
+    prompts, seeds = evalset.expanded()
+    n = min(GRID_COLUMNS, len(prompts))
+    before, after = decode_images(backbone, z_before[:n]), decode_images(backbone, z_after[:n])
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n + 0.6, 3.6), squeeze=False)
+    for k in range(n):
+        for row, images in enumerate((before, after)):
+            ax = axes[row][k]
+            ax.imshow(images[k].numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][k].set_title(f"{prompts[k][:18]}\nseed {seeds[k]}", fontsize=7)
+    axes[0][0].set_ylabel("before")
+    axes[1][0].set_ylabel("after")
+    return _png(fig)

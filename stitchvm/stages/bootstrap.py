@@ -1,0 +1,96 @@
+"""What the `world_*` bootstrap stages share: a seeded scene stream, an atomic install of the trained part into
+the shipped world (stitchvm/world/pretrained/), a JSON summary and plot under reports/, and an MLflow run."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .. import plots
+from ..config import Params, to_dict
+from ..world.pretrained import world_dir
+from .runtime import Paths
+
+# One scene stream per model, so retraining one part never shifts another part's data.
+STREAMS = {"world_clip": 1, "world_vae": 2, "world_backbone": 3, "world_aesthetic": 4, "world_report": 5}
+
+
+def scene_stream(params: Params, stage: str) -> torch.Generator:
+    return torch.Generator().manual_seed(params.world.seed * 1000 + STREAMS[stage])
+
+
+@contextmanager
+def install(part: str) -> Iterator[Path]:
+    """Yield a temporary path to write `part` to; on success it replaces world_dir()/part in one rename, so a failed
+    or interrupted run leaves the previous world intact."""
+    root = world_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{part}-") as tmp:
+        staged = Path(tmp) / part
+        yield staged
+        dest = root / part
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        staged.rename(dest)
+
+
+def weight_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
+    return sum(f.stat().st_size for f in files)
+
+
+def flat_history(history: list[dict]) -> list[dict]:
+    """History rows with nested dicts (e.g. zero-shot accuracies) flattened to `outer/inner` numeric keys."""
+    out = []
+    for row in history:
+        flat = {}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                flat.update({f"{k}/{kk}": vv for kk, vv in v.items()})
+            else:
+                flat[k] = v
+        out.append(flat)
+    return out
+
+
+def finish(stage: str, params: Params, paths: Paths, recipe, history: list[dict], summary: dict,
+           curve_keys: tuple[str, ...] = ("loss",)) -> dict:
+    """Write reports/<stage>.json and <stage>_curve.png, log an MLflow run (when tracking) and return the summary."""
+    history = flat_history(history)
+    curve = plots.training_curve(history, keys=curve_keys, title=f"{stage}: training loss")
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    (paths.reports / f"{stage}_curve.png").write_bytes(curve)
+    summary = {**summary, "curve": str(paths.reports / f"{stage}_curve.png")}
+    if paths.track:
+        summary["run_id"] = track(stage, params, recipe, history, summary, curve)
+    (paths.reports / f"{stage}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def track(stage: str, params: Params, recipe, history: list[dict], summary: dict, curve: bytes) -> str:
+    from .. import tracking  # mlflow is imported only where a run is tracked
+
+    cfg = params.mlflow
+    with tracking.start_run(cfg.experiment, run_name=stage, tracking_uri=cfg.tracking_uri) as run:
+        import mlflow
+
+        mlflow.log_params({f"{stage}.{k}": v for k, v in to_dict(recipe).items()} | {"world.seed": params.world.seed})
+        tracking.log_history(history, prefix=stage)
+        mlflow.log_metrics({f"{stage}/{k}": float(v) for k, v in summary.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracking.log_png(curve, f"{stage}_curve.png")
+        return run.info.run_id
+
+
+def timed(fn: Callable, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, round(time.perf_counter() - start, 2)

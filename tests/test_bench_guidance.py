@@ -1,0 +1,196 @@
+"""`bench guidance` (run and counting modes), best-of-N, the `guidance` stage and its config."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from stitchvm.benchmarks import counting
+from stitchvm.benchmarks.guidance import run as bench
+from stitchvm.config import ConfigError, GUIDANCE_METHODS, ModelSpec, Params, RewardSpec, from_dict, GuidanceConfig
+from stitchvm.sampling import sample
+from stitchvm.steering import best_of_n
+
+ROW_KEYS = {"method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std"}
+TINY = {"backbone": {"source": "tiny:sd3"}, "reward": {"source": "tiny:clip", "kind": "clip"},
+        "samples": {"source": "smooth"}}
+SMALL_GUIDANCE = {"steps": 2, "prompts": 1, "per_prompt": 2, "batch_size": 2, "particles": 2, "proposals": 2,
+                  "resample_every": 1, "window": [0.0, 1.0], "best_of_n": 2, "count_resolutions": [64]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: one thread avoids oversubscription (10× faster here); the bench's
+    # subprocesses inherit OMP_NUM_THREADS
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)
+
+
+def profile(tmp_path, name="tiny", **guidance) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "guidance": {**SMALL_GUIDANCE, **guidance}}))
+    return str(path)
+
+
+# ---- run mode --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    prof = profile(tmp)
+    first = bench(prof, str(tmp / "out.json"), progress=False, root=str(tmp / "root"), isolate=False)
+    second = bench(prof, "", progress=False, root=str(tmp / "root"), isolate=False)
+    return tmp, first, second
+
+
+def test_bench_json_has_every_method_with_finite_numbers(bench_runs):
+    tmp, report, _ = bench_runs
+    written = json.loads((tmp / "out.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert {"device", "profile", "rows"} <= set(written) and written["device"].startswith("cpu")
+    assert [r["method"] for r in written["rows"]] == list(GUIDANCE_METHODS)
+    assert written["value_model"] == "untrained (4, 4)"  # the temp root holds no trained value model
+    for row in written["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert all(math.isfinite(row[k]) for k in ROW_KEYS - {"method"}), row
+        assert row["sec_per_sample"] > 0 and row["peak_mem_mb"] >= 0 and row["reward_std"] >= 0
+        assert row["samples"] == 2
+
+
+def test_bench_reward_is_deterministic(bench_runs):
+    _, first, second = bench_runs
+    assert [r["reward_mean"] for r in first["rows"]] == [r["reward_mean"] for r in second["rows"]]
+    assert [r["reward_std"] for r in first["rows"]] == [r["reward_std"] for r in second["rows"]]
+    by = {r["method"]: r["reward_mean"] for r in first["rows"]}
+    assert by["best-of-n"] >= by["unguided"]  # candidate 0 of best-of-N is the unguided sample
+
+
+def test_isolated_worker_matches_in_process(bench_runs, tmp_path):
+    _, first, _ = bench_runs
+    report = bench(profile(tmp_path, methods=["unguided"]), "", progress=False, root=str(tmp_path / "root"),
+                   isolate=True)
+    (row,) = report["rows"]
+    assert report["isolated"] and row["method"] == "unguided" and row["peak_mem_mb"] >= 0
+    assert row["reward_mean"] == first["rows"][0]["reward_mean"]  # same seeds in a fresh process
+
+
+# ---- best-of-N -------------------------------------------------------------------------------------------------
+def test_best_of_n_picks_the_argmax(backbone):
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    brightness = lambda z, p: z.mean(dim=(1, 2, 3))
+    z, scores = best_of_n(backbone, prompts, 2, 2.0, torch.Generator().manual_seed(5), brightness, n=3, eta=0.7)
+    g = torch.Generator().manual_seed(5)
+    cands = torch.stack([sample(backbone, prompts, 2, 2.0, g, eta=0.7) for _ in range(3)])  # (n, B, ...)
+    values = torch.stack([brightness(c, prompts) for c in cands])  # (n, B)
+    pick = values.argmax(0)
+    assert len(set(pick.tolist())) > 1  # the test exercises a per-prompt choice
+    assert torch.equal(z, cands[pick, torch.arange(3)]) and torch.equal(scores, values.max(0).values)
+    one, _ = best_of_n(backbone, prompts, 2, 2.0, torch.Generator().manual_seed(5), brightness, n=1, eta=0.7)
+    assert torch.equal(one, cands[0])
+    with pytest.raises(ValueError, match="n \\(best-of-N candidates\\) must be an integer >= 1"):
+        best_of_n(backbone, prompts, 2, 2.0, None, brightness, n=0)
+
+
+# ---- counting mode ---------------------------------------------------------------------------------------------
+def test_flop_counter_matches_closed_forms():
+    x = torch.empty(8, 32, device="meta")
+    with counting.FlopCounter() as fc:
+        F.linear(x, torch.empty(16, 32, device="meta"))
+    assert fc.get_total_flops() == 2 * 8 * 32 * 16
+    img = torch.empty(2, 3, 10, 10, device="meta")
+    with counting.FlopCounter() as fc:
+        F.conv2d(img, torch.empty(5, 3, 3, 3, device="meta"), padding=1)
+    assert fc.get_total_flops() == 2 * (2 * 5 * 10 * 10) * (3 * 3 * 3)
+    b, h, s, d = 2, 4, 256, 16
+    q = torch.empty(b, h, s, d, device="meta", requires_grad=True)
+    k, v = torch.empty(b, h, s, d, device="meta"), torch.empty(b, h, s, d, device="meta")
+    saved_math, saved_fused = counting.SavedActivations(), counting.SavedActivations()
+    with counting.FlopCounter() as fc, saved_math():
+        F.scaled_dot_product_attention(q.view_as(q), k, v)
+    math_flops = fc.get_total_flops()
+    with counting.FusedAttention(), counting.FlopCounter() as fc, saved_fused():
+        out = F.scaled_dot_product_attention(q.view_as(q), k, v)
+        torch.autograd.grad(out.sum(), q)
+    assert math_flops == fc.get_flop_counts()["Global"][torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] \
+        == 2 * (2 * b * h * s * s * d)
+    assert fc.get_total_flops() > math_flops  # the backward is counted too
+    assert saved_math.bytes >= b * h * s * s * 4 > saved_fused.bytes  # no N² probabilities saved
+
+
+def test_count_orders_the_methods_on_tiny_models():
+    rows = counting.count(ModelSpec("tiny:sd3"), RewardSpec("tiny:clip"), GuidanceConfig(value_i=3, value_j=2),
+                          resolutions=(64,), progress=False)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == set(counting.COUNTED) and all(r["resolution"] == 64 for r in rows)
+    flops = {m: r["tflops_per_step"] for m, r in by.items()}
+    assert flops["dps-tweedie"] > flops["dps-stitchvm"] > flops["unguided"] > 0
+    saved = {m: r["saved_activation_gb"] for m, r in by.items()}
+    assert saved["dps-tweedie"] > saved["dps-stitchvm"] > 0
+    assert saved["unguided"] == saved["fk-tweedie"] == saved["fk-stitchvm"] == 0  # no autograd
+    r = counting.ratios(rows)["64"]
+    assert r["tweedie_over_stitchvm_flops"] > 1 and r["stitchvm_over_tweedie_saved"] < 1
+
+
+def test_count_mode_json_on_the_arch_presets(tmp_path):
+    prof = profile(tmp_path, methods=["unguided", "dps-tweedie", "dps-stitchvm"])
+    report = bench(prof, str(tmp_path / "count.json"), count=True, progress=False, resolutions=(64,))
+    written = json.loads((tmp_path / "count.json").read_text())
+    assert written["device"].startswith("meta") and written["backbone"] == "arch:sd3.5-medium"
+    assert [r["method"] for r in written["rows"]] == ["unguided", "dps-tweedie", "dps-stitchvm"]
+    for row in written["rows"]:
+        assert row["resolution"] == 64 and math.isfinite(row["tflops_per_step"]) and row["tflops_per_step"] > 0
+        assert math.isfinite(row["saved_activation_gb"])
+    assert report["ratios"]["64"]["tweedie_over_stitchvm_flops"] > 1
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+def test_guidance_stage_writes_report_grids_and_mlflow(tmp_path):
+    from stitchvm.stages import guidance, prompts
+    from stitchvm.stages.runtime import Paths, models
+    from stitchvm.value_model import StitchedValueModel
+
+    params = from_dict(Params, {**TINY, "storage": {"root": str(tmp_path / "data")},
+                                "guidance": {**SMALL_GUIDANCE, "methods": ["unguided", "dps-stitchvm", "best-of-n"]},
+                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "g"}})
+    paths = Paths.from_params(params, reports=tmp_path / "reports", track=True)
+    with pytest.raises(FileNotFoundError, match="run the `train` stage first"):
+        guidance.run(params, paths, progress=False)
+    prompts.run(params, paths)
+    backbone, reward = models(params)
+    StitchedValueModel(backbone, reward, 3, 2).save_pretrained(tmp_path / "data" / "value_model")
+    summary = guidance.run(params, paths, progress=False)
+    report = json.loads((tmp_path / "reports" / "guidance.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["unguided", "dps-stitchvm", "best-of-n"]
+    assert report["value_model"]["i"] == 3 and len(report["prompts"]) == 1
+    for png in [summary["grid"], *summary["grids"].values()]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert set(summary["grids"]) == {"guidance/dps-stitchvm.png", "guidance/best-of-n.png"}
+    assert set(summary["reward_gain"]) == {"dps-stitchvm", "best-of-n"} and summary["reward_gain"]["best-of-n"] >= 0
+    assert summary["mlflow"]["logged"]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = summary["mlflow"]["run_id"]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"guidance.json", "guidance.png", "guidance"}
+    assert "guidance/dps-stitchvm/reward_mean" in client.get_run(run_id).data.metrics
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guidance, message", [
+    ({"methods": ["dps-foo"]}, "guidance: unknown method 'dps-foo'"),
+    ({"methods": []}, "guidance: methods must name at least one method"),
+    ({"schedule_stitchvm": "window:0.9:0.1"}, "guidance: schedule 'window:0.9:0.1' is not"),
+    ({"scale_tweedie": -1}, "guidance: guidance scales must be >= 0"),
+    ({"eta": 1.5}, "guidance: eta must lie in"),
+    ({"window": [0.5]}, "guidance: window must be"),
+    ({"best_of_n": 0}, "guidance: best_of_n must be >= 1"),
+    ({"steps": "ten"}, "guidance.steps: expected int"),
+])
+def test_guidance_config_fails_with_the_key_path(guidance, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Params, {"guidance": guidance})
+    assert from_dict(Params, {"guidance": {"schedule_tweedie": "power:1.5"}}).guidance.schedule_tweedie == "power:1.5"
