@@ -8,7 +8,7 @@ from dagster import MaterializeResult, MetadataValue, asset
 from stitchvm.stages import GRAPH, stage
 
 from .metadata import md_table, png_md, stage_doc as doc
-from .resources import StitchVMResource
+from .resources import MlflowResource, StitchVMResource
 
 GROUP = "alignment"
 ROW_COLUMNS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std")
@@ -31,4 +31,25 @@ def guidance(stitchvm: StitchVMResource) -> MaterializeResult:
     return MaterializeResult(metadata=metadata)
 
 
-ASSETS = [guidance]
+@asset(group_name=GROUP, deps=list(GRAPH["align"]), pool="gpu", description=doc("align"))
+def align(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
+    params = stitchvm.params()
+    summary = stage("align").run(params, stitchvm.paths(params), progress=False)
+    metadata = {
+        **{k: summary[k] for k in ("updates", "steps", "batch", "reward_before", "reward_after", "reward_gain",
+                                   "train_seconds", "sec_per_update", "sampling_s", "reward_s", "update_s")},
+        "method": MetadataValue.text(summary["method"]),
+        "adapter": MetadataValue.path(summary["adapter"]),
+        "report": MetadataValue.path(str(Path(summary["report"]).resolve())),
+        "reward_vs_time": png_md(Path(summary["curve_png"]).read_bytes(), "true reward vs wall time"),
+        "before_after": png_md(Path(summary["grid_png"]).read_bytes(), "base model vs adapter, same seeds"),
+        "model_version": MetadataValue.text(
+            f"{summary['registered_model']}/{summary['model_version']}" if summary.get("model_version")
+            else "(not registered)"),
+    }
+    if summary.get("run_id") and (url := mlflow.run_url(summary["run_id"], summary.get("tracking_uri"))):
+        metadata["mlflow_run_url"] = MetadataValue.url(url)
+    return MaterializeResult(metadata=metadata)
+
+
+ASSETS = [guidance, align]

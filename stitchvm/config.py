@@ -286,7 +286,7 @@ def _check_recipe(recipe) -> None:
 
 @dataclass(frozen=True)
 class ClipTraining:
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 256
     lr: float = 1e-3
 

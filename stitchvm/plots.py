@@ -62,6 +62,22 @@ def value_vs_sigma(rows: list[dict], metrics=("spearman_within_prompt", "spearma
     return _png(fig)
 
 
+def reward_curve(history: list[dict], method: str) -> bytes:
+    """True reward of the fixed evaluation samples vs training wall time (left) and vs update (right)."""
+    rows = [r for r in history if "eval_reward" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    axes[0].plot([r["wall_s"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
+    axes[0].set_xlabel("training wall time (s)")
+    axes[1].plot([r["step"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
+    axes[1].set_xlabel("update")
+    axes[0].set_ylabel("true reward (eval)")
+    for ax in axes:
+        ax.legend()
+    fig.suptitle("alignment: true reward on fixed evaluation prompts and seeds")
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ---- image grids ---------------------------------------------------------------------------------------------------
 TILE = 96  # minimum tile size in the grids (small images are enlarged, nearest-neighbour)
 

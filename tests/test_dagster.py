@@ -33,6 +33,8 @@ SMALL = {
     "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 10},
     "evaluate": {"batch_size": 8, "gate_sigma": 0.5, "min_spearman_within_prompt": -1.0, "max_loss_ratio": 100.0},
     "guidance": {"steps": 3, "prompts": 2, "per_prompt": 1, "particles": 2, "best_of_n": 2},
+    "align": {"method": "nft-stitchvm", "updates": 2, "prompts_per_update": 1, "group_size": 2, "steps": 4,
+              "eval_prompts": 1, "eval_seeds": [0], "eval_every": 1, "lora_rank": 4, "lora_alpha": 8},
 }
 MODEL = "stitchvm-value"
 METADATA = {
@@ -45,6 +47,8 @@ METADATA = {
     "search": {"pair", "best_error", "pairs_searched", "path", "error_table", "heatmap"},
     "train": {"steps", "seconds", "samples_per_s", "first_loss", "final_loss", "pair", "path", "curve",
               "mlflow_run_id", "model_version", "mlflow_run_url", "model_version_url"},
+    "align": {"method", "reward_before", "reward_after", "sec_per_update", "adapter", "reward_vs_time", "before_after",
+              "model_version", "mlflow_run_url"},
     "guidance": {"rows", "reward_gain", "pair", "device", "report", "samples", "vs_unguided/dps-stitchvm"},
     "evaluate": {"dagster/row_count", "eval_table", "spearman_within_prompt@0.5", "distill_loss@0.5", "trivial_loss",
                  "gate_passed", "gate_checks", "champion", "model_version", "report", "plot", "model_version_url"},
@@ -115,11 +119,11 @@ def test_asset_graph_is_the_stage_graph():
         assert {k.to_user_string() for k in graph.get(AssetKey(name)).parent_keys} == set(upstream), name
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {"prompts": "data", "samples": "data", "labels": "data", "noisy": "data",
-                      "search": "model", "train": "model", "evaluate": "model", "guidance": "alignment",
+                      "search": "model", "train": "model", "evaluate": "model", "guidance": "alignment", "align": "alignment",
                       **{n: "world" for n in BOOTSTRAP}}
     pools = {name: pipelines.defs.resolve_assets_def(name).op.pool for name in GRAPH}
     assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "train", "evaluate",
-                                                                  "guidance"}
+                                                                  "guidance", "align"}
     job_keys = pipelines.defs.resolve_job_def("stitchvm_all").asset_layer.selected_asset_keys
     assert {k.to_user_string() for k in job_keys} == set(GRAPH) - set(BOOTSTRAP)
     world_keys = pipelines.defs.resolve_job_def("world_bootstrap").asset_layer.selected_asset_keys

@@ -31,6 +31,8 @@ REDUCED = {
     "train": {"steps": 12, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 6},
     "evaluate": {"batch_size": 8},
     "guidance": {"steps": 3, "prompts": 2, "per_prompt": 1, "particles": 2, "best_of_n": 2},
+    "align": {"method": "nft-stitchvm", "updates": 2, "prompts_per_update": 1, "group_size": 2, "steps": 4,
+              "eval_prompts": 1, "eval_seeds": [0], "eval_every": 1, "lora_rank": 4, "lora_alpha": 8},
 }
 EXP_STEPS = 6
 
@@ -223,7 +225,7 @@ def test_exp_run_reruns_only_train_and_its_consumers(project):  # last: it chang
     root = project["root"]
     before = _registry(project)["candidate"]
     exp = _run(root, DVC, "exp", "run", "-S", f"train.steps={EXP_STEPS}")
-    assert _ran(exp)[0] == "train" and sorted(_ran(exp)) == ["evaluate", "guidance", "train"]
+    assert _ran(exp)[0] == "train" and sorted(_ran(exp)) == ["align", "evaluate", "guidance", "train"]
     assert json.loads((root / "data/train/summary.json").read_text())["steps"] == EXP_STEPS
     assert yaml.safe_load((root / "params.yaml").read_text())["train"]["steps"] == EXP_STEPS
     assert int(_registry(project)["candidate"]) == int(before) + 1

@@ -21,6 +21,7 @@ GRAPH: dict[str, tuple[str, ...]] = {
     "evaluate": ("train", "noisy", "samples", "labels", "prompts"),
     # consumers of the value model: inference-time guidance (and training-time alignment)
     "guidance": ("train", "prompts"),
+    "align": ("train", "prompts"),
 }
 PARTITIONED = ("samples", "labels")  # one partition per shard
 BOOTSTRAP = tuple(name for name in GRAPH if name.startswith("world_"))

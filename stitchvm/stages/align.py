@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import plots
 from ..alignment import EvalSet, evaluate
 from ..config import AlignConfig, Params, to_dict
 from ..draft import train_draft
@@ -70,7 +71,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                                                          device=backbone.device).eval()
     evalset = EvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps,
                       cfg.eval_guidance_scale)
-    _, _, z_before = evaluate(backbone, reward, evalset, cfg.batch_size)  # the base model (shared, no adapter)
+    _, rewards_before, z_before = evaluate(backbone, reward, evalset, cfg.batch_size)  # the base model (no adapter)
     policy, history = train_adapter(params, backbone, reward, train_prompts, evalset, value_model, progress)
     adapter = eval_adapter(cfg)
     with policy.use(adapter) as tuned:
@@ -81,8 +82,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                                                                      "align": to_dict(cfg)})
         for f in sorted(folder.iterdir()):
             storage.write_bytes_atomic(f"{ADAPTER}/{f.name}", f.read_bytes())
-        curve = reward_curve(history, cfg.method)
-        grid = sample_grid(backbone, z_before, z_after, evalset)
+        curve = plots.reward_curve(history, cfg.method)
+        grid = sample_grid(backbone, (z_before, rewards_before), (z_after, rewards_after), evalset)
         updates = [r for r in history if r["step"] > 0]
         totals = {f"{phase}_s": round(sum(r.get(f"{phase}_s", 0.0) for r in updates), 3)
                   for phase in ("sampling", "reward", "update")}
@@ -96,7 +97,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
             **totals, "seconds": round(time.perf_counter() - start, 3),
             "evaluated_adapter": adapter, "eval_prompts": list(eval_prompts), "eval_seeds": list(cfg.eval_seeds),
             "adapter": storage.path(ADAPTER),
-            "curve_png": str(paths.reports / "align_curve.png"), "grid_png": str(paths.reports / "align_grid.png"),
+            "report": str(paths.reports / "align.json"), "curve_png": str(paths.reports / "align_curve.png"),
+            "grid_png": str(paths.reports / "align_grid.png"),
             "curve": [{"step": r["step"], "wall_s": round(r["wall_s"], 4), "eval_reward": round(r["eval_reward"], 5)}
                       for r in history if "eval_reward" in r],
             "run_id": None, "model_version": None,
@@ -137,46 +139,13 @@ def track_alignment(params: Params, history: list[dict], summary: dict, folder: 
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------
-def reward_curve(history: list[dict], method: str) -> bytes:
-    """True reward of the fixed evaluation samples vs training wall time (left) and vs update (right)."""
-    from ..plots import _png, plt
-
-    rows = [r for r in history if "eval_reward" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
-    axes[0].plot([r["wall_s"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
-    axes[0].set_xlabel("training wall time (s)")
-    axes[1].plot([r["step"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
-    axes[1].set_xlabel("update")
-    axes[0].set_ylabel("true reward (eval)")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle("alignment: true reward on fixed evaluation prompts and seeds")
-    fig.tight_layout()
-    return _png(fig)
-
-
 @torch.no_grad()
-def decode_images(backbone, z0: torch.Tensor) -> torch.Tensor:
-    """(N, C, h, w) latents -> (N, H, W, 3) images in [0, 1]."""
-    pixels = torch.cat([backbone.decode(z0[k:k + 8]) for k in range(0, len(z0), 8)])
-    return ((pixels.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
-
-
-def sample_grid(backbone, z_before: torch.Tensor, z_after: torch.Tensor, evalset: EvalSet) -> bytes:
-    """Evaluation samples (same prompt and seed per column): base model (top row) and adapter (bottom row)."""
-    from ..plots import _png, plt
-
+def sample_grid(backbone, before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor],
+                evalset: EvalSet) -> bytes:
+    """Evaluation samples (same prompt and seed per column), each with its true reward: the base model (top row)
+    and the adapter (bottom row)."""
     prompts, seeds = evalset.expanded()
     n = min(GRID_COLUMNS, len(prompts))
-    before, after = decode_images(backbone, z_before[:n]), decode_images(backbone, z_after[:n])
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n + 0.6, 3.6), squeeze=False)
-    for k in range(n):
-        for row, images in enumerate((before, after)):
-            ax = axes[row][k]
-            ax.imshow(images[k].numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[0][k].set_title(f"{prompts[k][:18]}\nseed {seeds[k]}", fontsize=7)
-    axes[0][0].set_ylabel("before")
-    axes[1][0].set_ylabel("after")
-    return _png(fig)
+    rows = [(label, torch.cat([plots.to_uint8(backbone.decode(z[k:k + 8])) for k in range(0, n, 8)]), r[:n])
+            for label, (z, r) in (("before", before), ("after", after))]
+    return plots.image_grid(rows, [f"{p} (seed {s})" for p, s in zip(prompts[:n], seeds[:n])])

@@ -1,0 +1,152 @@
+"""The world's bootstrap stages through the Dagster front-end (a reduced world in a temporary STITCHVM_WORLD; the
+shipped world is never touched), the `world:` model sources, and the shipped world itself."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dagster import DagsterInstance, Definitions  # noqa: E402
+
+import pipelines  # noqa: E402
+from assets import MlflowResource, StitchVMResource  # noqa: E402
+from stitchvm.backbone import build_backbone  # noqa: E402
+from stitchvm.config import ModelSpec, RewardSpec  # noqa: E402
+from stitchvm.reward import build_reward  # noqa: E402
+from stitchvm.stages import BOOTSTRAP  # noqa: E402
+from stitchvm.stages.bootstrap import install  # noqa: E402
+from stitchvm.world import pretrained  # noqa: E402
+
+REDUCED_WORLD = {
+    "clip": {"steps": 6, "batch_size": 16},
+    "vae": {"steps": 6, "batch_size": 8},
+    "backbone": {"steps": 6, "batch_size": 8},
+    "aesthetic": {"steps": 6, "batch_size": 16},
+    "report": {"scenes": 32, "per_prompt": 2, "steps": 2},
+}
+PARTS = ("clip", "vae", "transformer", "scheduler", "aesthetic.safetensors")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The `world_bootstrap` job, materialised in-process on a reduced recipe into a temporary world folder."""
+    tmp = tmp_path_factory.mktemp("world")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump({"world": REDUCED_WORLD, "mlflow": {"tracking_uri": uri}}))
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STITCHVM_WORLD", str(tmp / "world"))
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.chdir(tmp)
+        defs = Definitions(assets=pipelines.defs.assets, jobs=pipelines.defs.jobs, resources={
+            "stitchvm": StitchVMResource(params_path=str(params), reports_dir=str(tmp / "reports"),
+                                         checkpoints_dir=str(tmp / "checkpoints")),
+            "mlflow": MlflowResource(tracking_uri=uri)})
+        result = defs.resolve_job_def("world_bootstrap").execute_in_process(instance=DagsterInstance.ephemeral())
+        yield {"tmp": tmp, "uri": uri, "result": result}
+    mlflow.set_tracking_uri(previous[0])
+    mlflow.set_registry_uri(previous[1])
+
+
+def test_bootstrap_job_writes_every_part_with_metadata_and_runs(world):
+    result, tmp = world["result"], world["tmp"]
+    assert result.success
+    assert {p.name for p in (tmp / "world").iterdir()} == set(PARTS)  # no staging folder left behind
+    md = {name: result.asset_materializations_for_node(name)[0].metadata for name in BOOTSTRAP}
+    for name in BOOTSTRAP:
+        if name != "world_report":
+            assert md[name]["curve"].value.startswith(f"![curve](data:image/png;base64,iVBOR"), name
+            assert md[name]["bytes"].value > 0
+    assert md["world_report"]["samples"].value.startswith("![samples](data:image/png;base64,iVBOR")
+    report = json.loads((tmp / "reports" / "world.json").read_text())
+    for key in ("clip_zero_shot_color", "clip_zero_shot_shape", "prompt_pair_win_rate"):
+        assert 0.0 <= report[key] <= 1.0
+    runs = MlflowClient(world["uri"]).search_runs(
+        [MlflowClient(world["uri"]).get_experiment_by_name("stitchvm").experiment_id])
+    assert {r.info.run_name for r in runs} == set(BOOTSTRAP) - {"world_report"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_world_sources_load_the_trained_parts(world, monkeypatch):
+    monkeypatch.setenv("STITCHVM_WORLD", str(world["tmp"] / "world"))
+    backbone = build_backbone(ModelSpec("world:sd3"))
+    reward = build_reward(RewardSpec("world:clip"))
+    aesthetic = build_reward(RewardSpec("world:clip", kind="aesthetic", head="world"))
+    # SD3's two CLIP text encoders are the world CLIP's text tower (stored once)
+    assert backbone.text_encoder is backbone.text_encoder_2
+    text_tower = reward.clip.text_model.state_dict()
+    for name, value in backbone.text_encoder.text_model.state_dict().items():
+        assert torch.equal(value, text_tower[name]), name
+    z = torch.randn(2, backbone.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds, pooled = backbone.encode_prompts(["a red circle", ""])
+    assert backbone.velocity(z, torch.tensor([0.5, 0.5]), embeds, pooled).shape == z.shape
+    assert backbone.decode(z).shape == (2, 3, 32, 32)
+    features, _ = aesthetic.image_features(backbone.decode(z))
+    assert aesthetic.score(features, None).shape == (2,)
+
+
+def test_a_missing_part_names_the_stage_that_writes_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("STITCHVM_WORLD", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="world_backbone"):
+        build_backbone(ModelSpec("world:sd3"))
+    with pytest.raises(ValueError, match="use world:clip"):
+        build_reward(RewardSpec("world:sd3"))
+
+
+def test_a_failed_install_keeps_the_previous_part(tmp_path, monkeypatch):
+    monkeypatch.setenv("STITCHVM_WORLD", str(tmp_path))
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "weights").write_text("previous")
+    with pytest.raises(RuntimeError):
+        with install("vae") as path:
+            path.mkdir()
+            (path / "weights").write_text("half-written")
+            raise RuntimeError("interrupted")
+    assert (tmp_path / "vae" / "weights").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["vae"]
+    with install("vae") as path:
+        path.mkdir()
+        (path / "weights").write_text("new")
+    assert (tmp_path / "vae" / "weights").read_text() == "new"
+
+
+# ---- the shipped world -----------------------------------------------------------------------------------------
+shipped = pytest.mark.skipif(not all((pretrained.SHIPPED / p).exists() for p in PARTS) or
+                             bool(os.environ.get("STITCHVM_WORLD")), reason="the shipped world is not there")
+
+
+@shipped
+def test_the_shipped_world_is_small():
+    total = sum(f.stat().st_size for f in pretrained.SHIPPED.rglob("*") if f.is_file())
+    assert total <= 20 * 2**20, f"{total / 2**20:.1f} MiB"
+
+
+@shipped
+def test_the_shipped_clip_knows_colours_and_shapes():
+    from stitchvm.world import scenes
+    from stitchvm.world.clip_training import zero_shot_accuracy
+
+    reward = build_reward(RewardSpec("world:clip"))
+    pixels, _, attrs = scenes.make_scenes(400, torch.Generator().manual_seed(7))  # not the training stream
+    accuracy = zero_shot_accuracy(reward.clip, reward.tokenizer, pixels, attrs, names=("colour", "shape"))
+    assert accuracy["colour"] >= 0.9 and accuracy["shape"] >= 0.9, accuracy
+
+
+@shipped
+def test_the_shipped_backbone_draws_what_it_is_asked():
+    from stitchvm.world.evaluation import clip_scores, pair_win_rates, sample_pixels, win_rate
+
+    backbone, reward = build_backbone(ModelSpec("world:sd3")), build_reward(RewardSpec("world:clip"))
+    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle"]
+    pixels, labels = sample_pixels(backbone, prompts, per_prompt=4, steps=10, guidance_scale=4.5, seed=3)
+    assert win_rate(pair_win_rates(clip_scores(reward, pixels, prompts), labels)) >= 0.8
