@@ -296,10 +296,10 @@ class ClipTraining:
 
 @dataclass(frozen=True)
 class VaeTraining:
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 64
-    lr: float = 1e-3
-    kl_weight: float = 1e-6
+    lr: float = 2e-3
+    kl_weight: float = 1e-5
 
     def __post_init__(self):
         _check_recipe(self)
@@ -308,9 +308,9 @@ class VaeTraining:
 
 @dataclass(frozen=True)
 class FlowTraining:
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 5e-4
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
     caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance has an unconditional model
 
     def __post_init__(self):
@@ -320,8 +320,8 @@ class FlowTraining:
 
 @dataclass(frozen=True)
 class HeadTraining:
-    steps: int = 1000
-    batch_size: int = 256
+    steps: int = 500
+    batch_size: int = 128
     lr: float = 1e-3
 
     def __post_init__(self):

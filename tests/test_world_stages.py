@@ -1,5 +1,7 @@
 """The world's bootstrap stages through the Dagster front-end (a reduced world in a temporary STITCHVM_WORLD; the
 shipped world is never touched), the `world:` model sources, and the shipped world itself."""
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dagster import DagsterInstance, Definitions  # noqa: E402
+from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
 
 import pipelines  # noqa: E402
 from assets import MlflowResource, StitchVMResource  # noqa: E402
@@ -33,7 +36,7 @@ REDUCED_WORLD = {
     "aesthetic": {"steps": 6, "batch_size": 16},
     "report": {"scenes": 32, "per_prompt": 2, "steps": 2},
 }
-PARTS = ("clip", "vae", "transformer", "scheduler", "aesthetic.safetensors")
+PARTS = ("clip", "vae", "transformer", "scheduler", "tokenizer", "aesthetic.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +94,21 @@ def test_world_sources_load_the_trained_parts(world, monkeypatch):
     embeds, pooled = backbone.encode_prompts(["a red circle", ""])
     assert backbone.velocity(z, torch.tensor([0.5, 0.5]), embeds, pooled).shape == z.shape
     assert backbone.decode(z).shape == (2, 3, 32, 32)
+    # the collapsed context (one zero token, log 256 on its logit) is the full 256-zero-token SD3 context
+    full = dataclasses.replace(backbone, transformer=copy.deepcopy(backbone.transformer), t5_tokens=256)
+    full.transformer.set_attn_processor(JointAttnProcessor2_0())  # diffusers' own joint attention
+    embeds_full, pooled_full = full.encode_prompts(["a red circle", ""])
+    assert embeds.shape[1] == backbone.tokenizer.model_max_length + 1 and embeds_full.shape[1] == embeds.shape[1] + 255
+    torch.testing.assert_close(backbone.velocity(z, torch.tensor([0.5, 0.5]), embeds, pooled),
+                               full.velocity(z, torch.tensor([0.5, 0.5]), embeds_full, pooled_full),
+                               rtol=1e-4, atol=1e-5)
     features, _ = aesthetic.image_features(backbone.decode(z))
     assert aesthetic.score(features, None).shape == (2,)
 
 
 def test_a_missing_part_names_the_stage_that_writes_it(tmp_path, monkeypatch):
     monkeypatch.setenv("STITCHVM_WORLD", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="world_backbone"):
+    with pytest.raises(FileNotFoundError, match="run the `world_clip` stage"):
         build_backbone(ModelSpec("world:sd3"))
     with pytest.raises(ValueError, match="use world:clip"):
         build_reward(RewardSpec("world:sd3"))

@@ -13,7 +13,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     recipe = params.world.aesthetic
     (head, history), seconds = timed(
         train_aesthetic, world_path("clip"), recipe.steps, recipe.batch_size, scene_stream(params, "world_aesthetic"),
-        progress, lr=recipe.lr, seed=params.world.seed)
+        progress, lr=recipe.lr, seed=params.world.seed,
+        eval_every=max(1, recipe.steps // 5))
     with install("aesthetic.safetensors") as path:
         save_head(head, path)
     summary = {"seconds": seconds, "final_loss": history[-1]["loss"],

@@ -17,11 +17,14 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     vae = shipped_vae()
     (backbone, history), seconds = timed(
         train_flow, world_path("clip"), vae, recipe.steps, recipe.batch_size, scene_stream(params, "world_backbone"),
-        progress, lr=recipe.lr, caption_dropout=recipe.caption_dropout, seed=params.world.seed)
+        progress, lr=recipe.lr, caption_dropout=recipe.caption_dropout, seed=params.world.seed,
+        eval_every=max(1, recipe.steps // 5))
     with install("transformer") as path:
         backbone.transformer.to(torch.float16).save_pretrained(path)
     with install("scheduler") as path:
         backbone.scheduler.save_pretrained(path)
+    with install("tokenizer") as path:
+        backbone.tokenizer.save_pretrained(path)
     summary = {"seconds": seconds, "final_loss": history[-1]["loss"], "bytes": weight_bytes(world_path("transformer")),
                "shift": backbone.scheduler.config.shift}
     return finish("world_backbone", params, paths, recipe, history, summary)

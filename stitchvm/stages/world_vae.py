@@ -14,7 +14,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     recipe = params.world.vae
     (vae, history), seconds = timed(
         train_vae, recipe.steps, recipe.batch_size, scene_stream(params, "world_vae"), progress,
-        lr=recipe.lr, kl_weight=recipe.kl_weight, seed=params.world.seed)
+        lr=recipe.lr, kl_weight=recipe.kl_weight, seed=params.world.seed,
+        eval_every=max(1, recipe.steps // 5))
     with install("vae") as path:
         vae.to(torch.float16).save_pretrained(path)
     last = history[-1]

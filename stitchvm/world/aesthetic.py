@@ -3,7 +3,7 @@
 The score is a learned predictor of a simple, visible image property, `image_property`: the *salience* of the shapes,
 the mean colour distance of the pixels to the background colour (the median of the border pixels). It grows with the
 shapes' area (count, size) and their colour contrast with the background, so it varies a lot within a prompt ("a red
-circle" can be small on a bright background or large on a dark one; about 80% of its variance is within
+circle" can be small on a bright background or large on a dark one; about two thirds of its variance is within
 colour + shape), and guidance can plausibly raise it (bigger, more contrasting shapes).
 
 The head is `stitchvm.reward.AestheticHead(projection_dim)` with LAION's default widths and is fed exactly what

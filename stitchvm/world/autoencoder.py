@@ -27,7 +27,7 @@ N_STATS = 1024
 
 WORLD_VAE = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
     latent_channels=4, norm_num_groups=16, sample_size=scenes.IMAGE_SIZE, use_quant_conv=False,
     use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0,
 )

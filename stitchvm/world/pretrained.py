@@ -7,6 +7,7 @@ The bootstrap stages (`stitchvm/stages/world_*.py`) write, and the repository sh
                          two text encoders, stored once
         vae/             the AutoencoderKL (32×32×3 pixels <-> 8×8×4 latents)
         transformer/     the SD3Transformer2DModel (rectified flow, conditioned through the CLIP text tower)
+        tokenizer/       the backbone's tokenizer (the world CLIP's, padding prompts to 16 tokens)
         scheduler/       the FlowMatchEulerDiscreteScheduler config (its shift)
         aesthetic.safetensors   the scalar head on the CLIP image embedding (`head: world`)
 
@@ -39,7 +40,7 @@ def world_path(part: str) -> Path:
     path = world_dir() / part
     if not path.exists():
         stage = {"clip": "world_clip", "vae": "world_vae", "transformer": "world_backbone",
-                 "scheduler": "world_backbone", "aesthetic.safetensors": "world_aesthetic"}.get(part, "world_*")
+                 "scheduler": "world_backbone", "tokenizer": "world_backbone", "aesthetic.safetensors": "world_aesthetic"}.get(part, "world_*")
         raise FileNotFoundError(f"the pretrained world has no {path}: run the `{stage}` stage "
                                 f"(python -m stitchvm {stage}, or dvc repro {stage})")
     return path
