@@ -119,8 +119,8 @@ def test_asset_graph_is_the_stage_graph():
         assert {k.to_user_string() for k in graph.get(AssetKey(name)).parent_keys} == set(upstream), name
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {"prompts": "data", "samples": "data", "labels": "data", "noisy": "data",
-                      "search": "model", "train": "model", "evaluate": "model", "guidance": "alignment", "align": "alignment",
-                      **{n: "world" for n in BOOTSTRAP}}
+                      "search": "model", "train": "model", "evaluate": "model",
+                      "guidance": "alignment", "align": "alignment", **{n: "world" for n in BOOTSTRAP}}
     pools = {name: pipelines.defs.resolve_assets_def(name).op.pool for name in GRAPH}
     assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "train", "evaluate",
                                                                   "guidance", "align"}

@@ -68,7 +68,7 @@ def test_bootstrap_job_writes_every_part_with_metadata_and_runs(world):
     md = {name: result.asset_materializations_for_node(name)[0].metadata for name in BOOTSTRAP}
     for name in BOOTSTRAP:
         if name != "world_report":
-            assert md[name]["curve"].value.startswith(f"![curve](data:image/png;base64,iVBOR"), name
+            assert md[name]["curve"].value.startswith("![curve](data:image/png;base64,iVBOR"), name
             assert md[name]["bytes"].value > 0
     assert md["world_report"]["samples"].value.startswith("![samples](data:image/png;base64,iVBOR")
     report = json.loads((tmp / "reports" / "world.json").read_text())

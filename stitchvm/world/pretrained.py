@@ -24,6 +24,8 @@ from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained"
 WORLD_SOURCES = ("world:sd3", "world:clip")
+WRITERS = {"clip": "world_clip", "vae": "world_vae", "transformer": "world_backbone", "scheduler": "world_backbone",
+           "tokenizer": "world_backbone", "aesthetic.safetensors": "world_aesthetic"}  # part -> the stage writing it
 
 
 def world_dir() -> Path:
@@ -39,8 +41,7 @@ def world_path(part: str) -> Path:
     """The folder (or file) of one part of the shipped world; a missing part names the stage that writes it."""
     path = world_dir() / part
     if not path.exists():
-        stage = {"clip": "world_clip", "vae": "world_vae", "transformer": "world_backbone",
-                 "scheduler": "world_backbone", "tokenizer": "world_backbone", "aesthetic.safetensors": "world_aesthetic"}.get(part, "world_*")
+        stage = WRITERS.get(part, "world_*")
         raise FileNotFoundError(f"the pretrained world has no {path}: run the `{stage}` stage "
                                 f"(python -m stitchvm {stage}, or dvc repro {stage})")
     return path
