@@ -3,6 +3,12 @@
 - `scenes`: a procedural image–caption dataset (32×32 shapes with colour, count and position; captions in words).
 - `tokenizer`: OpenAI's CLIP BPE built offline, and the world's compact tokenizer (the BPE restricted to the grammar).
 - `clip_training`: contrastive pretraining of a small `transformers.CLIPModel` and its zero-shot evaluation.
+- `autoencoder`: the world's `AutoencoderKL` (32×32×3 <-> 8×8×4), its latent scale and shift.
+- `flow_training`: the world's `SD3Transformer2DModel`, rectified flow conditioned through the CLIP text tower.
+- `attention`: the collapsed joint attention (SD3 without T5: 256 zero tokens as one, exactly).
+- `aesthetic`: a scalar reward head on the CLIP image embedding (the shapes' salience).
+- `evaluation`: zero-shot accuracy, prompt-pair win rate, VAE PSNR, the head's Spearman (`world_report`).
+- `pretrained`: where the shipped weights live and how the `world:` sources find them.
 
 Submodules are imported on demand (`from stitchvm.world import scenes`) so that importing the package stays light.
 """
