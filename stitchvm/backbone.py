@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from .config import ModelSpec
 from .presets import BACKBONE_PRESETS, is_preset, lookup
@@ -179,7 +180,12 @@ def _load_world(spec: ModelSpec, device) -> Backbone:
     if spec.source != "world:sd3":
         raise ValueError(f"{spec.source!r} is a reward model, not a diffusion backbone (use world:sd3)")
     dtype = DTYPES[spec.dtype]
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(world_path("clip"), dtype=dtype)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the text tower of a CLIPModel folder: the vision weights are skipped
+    try:
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(world_path("clip"), dtype=dtype)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     transformer = SD3Transformer2DModel.from_pretrained(world_path("transformer"), torch_dtype=dtype)
     collapse_attention_(transformer, ABSENT_T5_TOKENS)
     backbone = Backbone(

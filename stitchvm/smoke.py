@@ -1,4 +1,4 @@
-"""Every stage in-process on a temporary storage root, then one report.
+"""The value-model pipeline (every stage but the world bootstrap and the consumers) in-process on a temporary root.
 
 `python -m stitchvm smoke --out reports/smoke.json`: builds the backbone and reward of the params, samples, labels,
 searches, finetunes and evaluates, prints the evaluation table and writes
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .config import Params, to_dict
-from .stages import GRAPH, stage
+from .stages import VALUE_PIPELINE, stage
 from .stages.runtime import Paths
 
 
@@ -22,7 +22,7 @@ def run(params: Params, out: str | Path | None = None, progress: bool = True) ->
         paths = Paths(root=str(Path(tmp) / "data"), reports=Path(tmp) / "reports",
                       checkpoints=Path(tmp) / "checkpoints", track=False)
         summaries = {}
-        for name in GRAPH:
+        for name in VALUE_PIPELINE:  # the world is used as shipped; guidance/align have their own stages
             start = time.perf_counter()
             summaries[name] = stage(name).run(params, paths, progress=progress)
             timings[name] = round(time.perf_counter() - start, 3)

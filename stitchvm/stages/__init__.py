@@ -25,6 +25,8 @@ GRAPH: dict[str, tuple[str, ...]] = {
 }
 PARTITIONED = ("samples", "labels")  # one partition per shard
 BOOTSTRAP = tuple(name for name in GRAPH if name.startswith("world_"))
+CONSUMERS = ("guidance", "align")  # use the value model; not part of producing and evaluating it
+VALUE_PIPELINE = tuple(name for name in GRAPH if name not in BOOTSTRAP + CONSUMERS)
 
 
 def stage(name: str):
