@@ -140,7 +140,9 @@ def project(tmp_path_factory):
     shutil.copytree(ROOT / "stitchvm", root / "stitchvm", ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".dvc").mkdir()
     # dvc.lock too: the shipped world is up to date with it, so repro skips the (long) bootstrap stages, as for a user
-    for name in ("dvc.yaml", "dvc.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"):
+    (root / "reports").mkdir()
+    world_reports = [p.relative_to(ROOT) for p in (ROOT / "reports").glob("world*")]  # the bootstrap's metrics
+    for name in ("dvc.yaml", "dvc.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", *world_reports):
         shutil.copy2(ROOT / name, root / name)
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), REDUCED)
     params["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
