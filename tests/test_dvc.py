@@ -82,8 +82,8 @@ def test_dvc_stages_call_the_library_and_name_real_files_and_params():
         assert re.fullmatch(rf"python -m stitchvm( --no-progress)? {name}( --no-progress)?", s["cmd"]), s["cmd"]
         deps = _paths(s["deps"])
         assert f"stitchvm/stages/{name}.py" in deps
-        for dep in deps:  # code that exists, or an upstream output
-            assert (ROOT / dep).is_file() or any(_under(dep, o) for o in outs), f"{name}: dep {dep} is neither"
+        for dep in deps:  # code (a file or a folder of data files) that exists, or an upstream output
+            assert (ROOT / dep).exists() or any(_under(dep, o) for o in outs), f"{name}: dep {dep} is neither"
         for key in _keys(s.get("params")):  # DVC refuses a stage whose param key is not in params.yaml
             node = params
             for part in key.split("."):
