@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from stitchvm.config import from_dict, Params
-from stitchvm.stages import GRAPH, stage
+from stitchvm.stages import VALUE_PIPELINE, stage
 from stitchvm.stages.runtime import Paths
 from stitchvm.stages.upstream import num_shards
 from stitchvm.storage import open_root, read_shards
@@ -33,7 +33,7 @@ def small_params(root: str, options: dict | None = None, **overrides) -> Params:
 
 def run_all(params: Params, tmp: Path) -> dict:
     paths = Paths.from_params(params, reports=tmp / "reports", checkpoints=tmp / "ckpt", track=False)
-    return {name: stage(name).run(params, paths, progress=False) for name in GRAPH}
+    return {name: stage(name).run(params, paths, progress=False) for name in VALUE_PIPELINE}
 
 
 def test_full_stage_round_trip_on_s3_matches_local(s3_options, tmp_path):
