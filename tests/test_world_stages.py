@@ -3,7 +3,6 @@ shipped world is never touched), the `world:` model sources, and the shipped wor
 import copy
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -132,18 +131,24 @@ def test_a_failed_install_keeps_the_previous_part(tmp_path, monkeypatch):
 
 
 # ---- the shipped world -----------------------------------------------------------------------------------------
-shipped = pytest.mark.skipif(not all((pretrained.SHIPPED / p).exists() for p in PARTS) or
-                             bool(os.environ.get("STITCHVM_WORLD")), reason="the shipped world is not there")
+shipped = pytest.mark.skipif(not all((pretrained.SHIPPED / p).exists() for p in PARTS),
+                             reason="the shipped world is not there")
+
+
+@pytest.fixture
+def shipped_world(monkeypatch):
+    """The shipped world, even while the module's reduced world (STITCHVM_WORLD) is set."""
+    monkeypatch.delenv("STITCHVM_WORLD", raising=False)
 
 
 @shipped
-def test_the_shipped_world_is_small():
+def test_the_shipped_world_is_small(shipped_world):
     total = sum(f.stat().st_size for f in pretrained.SHIPPED.rglob("*") if f.is_file())
     assert total <= 20 * 2**20, f"{total / 2**20:.1f} MiB"
 
 
 @shipped
-def test_the_shipped_clip_knows_colours_and_shapes():
+def test_the_shipped_clip_knows_colours_and_shapes(shipped_world):
     from stitchvm.world import scenes
     from stitchvm.world.clip_training import zero_shot_accuracy
 
@@ -154,7 +159,7 @@ def test_the_shipped_clip_knows_colours_and_shapes():
 
 
 @shipped
-def test_the_shipped_backbone_draws_what_it_is_asked():
+def test_the_shipped_backbone_draws_what_it_is_asked(shipped_world):
     from stitchvm.world.evaluation import clip_scores, pair_win_rates, sample_pixels, win_rate
 
     backbone, reward = build_backbone(ModelSpec("world:sd3")), build_reward(RewardSpec("world:clip"))
