@@ -14,7 +14,6 @@ units of standard deviations.
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +25,7 @@ from ..config import RewardSpec
 from ..ranking import spearman
 from ..reward import AestheticHead, ClipReward, build_reward
 from . import scenes
+from .schedule import warmup_cosine
 
 HELD_OUT_SEED = 2_000_039  # held-out scenes for Spearman / R²
 STATS_SEED = 2_000_041  # the fixed batch that standardises the property
@@ -58,13 +58,6 @@ def r_squared(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 - ((prediction - target).pow(2).sum() / (target - target.mean()).pow(2).sum()).item()
 
 
-def _schedule(n_steps: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, n_steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return factor
 
 
 def train_aesthetic(clip_dir: str | Path, n_steps: int, batch_size: int, generator: torch.Generator,
@@ -86,7 +79,7 @@ def train_aesthetic(clip_dir: str | Path, n_steps: int, batch_size: int, generat
     head.train()
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, round(0.05 * n_steps)) if warmup is None else warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(n_steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(n_steps, warmup))
     if eval_every:
         pixels = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED))[0]
         held_out = clip_embeddings(reward, pixels), (image_property(pixels) - mean) / std

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from . import scenes
+from .schedule import warmup_cosine
 
 HELD_OUT_SEED = 2_000_011  # held-out scenes for PSNR; train with another generator
 STATS_SEED = 2_000_017  # the fixed batch that sets scaling_factor / shift_factor
@@ -51,14 +52,6 @@ def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(pixels).latent_dist.mean).sample
 
 
-def _schedule(n_steps: int, warmup: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to 5% of the base learning rate."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, n_steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return factor
 
 
 @torch.no_grad()
@@ -90,7 +83,7 @@ def train_vae(n_steps: int, batch_size: int, generator: torch.Generator, progres
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     warmup = max(1, round(0.05 * n_steps)) if warmup is None else warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(n_steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(n_steps, warmup))
     held_out = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED))[0] if eval_every else None
     history, shown, start = [], {}, time.perf_counter()
     bar = tqdm(range(n_steps), disable=not progress, desc="world vae", unit="step")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from . import scenes
+from .schedule import warmup_cosine
 from .tokenizer import world_clip_tokenizer
 
 # Equal to stitchvm.reward.OPENAI_CLIP_MEAN / _STD (a test checks it); kept here so the world imports lightly.
@@ -144,13 +145,7 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, round(0.05 * n_steps)) if warmup is None else warmup
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, n_steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(n_steps, warmup))
     ids_for = _CaptionIds(tokenizer)
     held_out = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED)) if eval_every else None
     history, shown, start = [], {}, time.perf_counter()

@@ -21,7 +21,6 @@ float rounding (a test checks it) at a fraction of the cost. For the same reason
 from __future__ import annotations
 
 import copy
-import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,7 @@ from transformers.utils import logging as transformers_logging
 from ..backbone import Backbone
 from ..config import ModelSpec
 from . import scenes
+from .schedule import warmup_cosine
 from .attention import collapsed_attention
 
 HELD_OUT_SEED = 2_000_029  # held-out scenes, noise and times for the evaluation loss
@@ -134,13 +134,6 @@ def flow_batch(backbone: Backbone, prompts: _PromptCache, batch_size: int, gener
     return (1 - tt) * z0 + tt * eps, t, embeds, pooled, eps - z0
 
 
-def _schedule(n_steps: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, n_steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-    return factor
 
 
 def train_flow(clip_dir: str | Path, vae: AutoencoderKL, n_steps: int, batch_size: int, generator: torch.Generator,
@@ -162,7 +155,7 @@ def train_flow(clip_dir: str | Path, vae: AutoencoderKL, n_steps: int, batch_siz
     prompts([""])  # sets the multiplicity of the collapsed zero token
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     warmup = max(1, round(0.05 * n_steps)) if warmup is None else warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(n_steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(n_steps, warmup))
     held_out = (flow_batch(backbone, prompts, n_eval, torch.Generator().manual_seed(HELD_OUT_SEED), 0.0)
                 if eval_every else None)
     history, shown, start = [], {}, time.perf_counter()
