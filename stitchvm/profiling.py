@@ -30,22 +30,36 @@ def _reset_cpu_peak() -> int | None:
         return None
 
 
+class PeakMemory:
+    """`with PeakMemory(device) as peak: ...`, then `peak.mb`: the peak above the memory in use on entry
+    (None on a CPU without /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.mb: float | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = _reset_cpu_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._base is not None:
+            self.mb = max(_proc_status_kb("VmHWM") - self._base, 0) / 1024
+
+
 def measure(fn: Callable[[], object], device: torch.device | str, repeats: int = 3) -> tuple[float, float | None]:
     """(ms per call, peak MB above baseline) for `fn`, after one warm-up call."""
-    device = torch.device(device)
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _reset_cpu_peak()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = None if base is None else max(_proc_status_kb("VmHWM") - base, 0) / 1024
-    return (time.perf_counter() - start) * 1000 / repeats, peak
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+    return (time.perf_counter() - start) * 1000 / repeats, peak.mb

@@ -105,6 +105,29 @@ def test_world_sources_load_the_trained_parts(world, monkeypatch):
     assert aesthetic.score(features, None).shape == (2,)
 
 
+def test_the_samples_stage_draws_from_the_full_context_model(world, monkeypatch):
+    """`samples` calls the diffusers pipeline itself: it must hand it the collapsed context (one zero T5 token), or
+    the collapsed attention would weight 256 real zero tokens by 256 once more."""
+    import pyarrow as pa
+
+    from stitchvm.config import Params, SamplesConfig
+    from stitchvm.stages.samples import generate
+
+    monkeypatch.setenv("STITCHVM_WORLD", str(world["tmp"] / "world"))
+    backbone = build_backbone(ModelSpec("world:sd3"))
+    full = dataclasses.replace(backbone, transformer=copy.deepcopy(backbone.transformer), t5_tokens=256)
+    full.transformer.set_attn_processor(JointAttnProcessor2_0())
+    params = Params(samples=SamplesConfig(source="pipeline", per_prompt=2, steps=3, guidance_scale=4.5, batch_size=2))
+    rows = pa.table({"seed": [11, 12], "prompt": ["a red circle", "two blue squares on the left"]})
+    pipe = full.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(prompt=rows.column("prompt").to_pylist(), num_inference_steps=3, guidance_scale=4.5,
+                        generator=[torch.Generator().manual_seed(s) for s in (11, 12)], height=32, width=32,
+                        output_type="latent").images
+    torch.testing.assert_close(generate(backbone, rows, params), expected.float(), rtol=1e-4, atol=1e-4)
+
+
 def test_a_missing_part_names_the_stage_that_writes_it(tmp_path, monkeypatch):
     monkeypatch.setenv("STITCHVM_WORLD", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="run the `world_clip` stage"):

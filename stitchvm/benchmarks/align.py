@@ -66,7 +66,7 @@ def measure(profile: str, method: str, updates: int | None) -> dict:
     import torch
 
     from ..alignment import EvalSet, evaluate
-    from ..profiling import _proc_status_kb, _reset_cpu_peak
+    from ..profiling import PeakMemory
     from ..stages.align import eval_adapter, train_adapter
     from ..stages.runtime import models
 
@@ -79,18 +79,8 @@ def measure(profile: str, method: str, updates: int | None) -> dict:
     evalset = EvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps, cfg.eval_guidance_scale)
     reward_before, _, _ = evaluate(backbone, reward, evalset, cfg.batch_size)
     device = backbone.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _reset_cpu_peak()
-    policy, history = train_adapter(params, backbone, reward, train_prompts, None, value_model)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = None if base is None else max(_proc_status_kb("VmHWM") - base, 0) / 1024
+    with PeakMemory(device) as peak:
+        policy, history = train_adapter(params, backbone, reward, train_prompts, None, value_model)
     rows = [r for r in history if r["step"] > 0]
     timed = rows[1:] if len(rows) >= 2 else rows
     with policy.use(eval_adapter(cfg)) as tuned:
@@ -98,7 +88,7 @@ def measure(profile: str, method: str, updates: int | None) -> dict:
     return {
         "method": method,
         "sec_per_update": sum(r["sampling_s"] + r["reward_s"] + r["update_s"] for r in timed) / len(timed),
-        "peak_mem_mb": None if peak is None else round(peak, 1),
+        "peak_mem_mb": None if peak.mb is None else round(peak.mb, 1),
         "reward_before": reward_before, "reward_after": reward_after,
         **{f"{p}_s": sum(r[f"{p}_s"] for r in timed) / len(timed) for p in ("sampling", "reward", "update")},
         "mean_tau": sum(r["tau"] for r in rows) / len(rows), "value_model": vm_kind,

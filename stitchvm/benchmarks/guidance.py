@@ -32,7 +32,7 @@ import torch
 from ..backbone import Backbone
 from ..config import GuidanceConfig, ModelSpec, Params, RewardSpec, parse_schedule, to_dict
 from ..guidance import DPSStitchVM, DPSTweedie, Schedule, power, window
-from ..profiling import _proc_status_kb, _reset_cpu_peak
+from ..profiling import PeakMemory
 from ..reward import ClipReward
 from ..sampling import sample
 from ..steering import best_of_n, fk_sample, reward_scorer, stitchvm_potential, tweedie_potential
@@ -115,24 +115,15 @@ def run_method(method: str, backbone: Backbone, reward: ClipReward, value_model:
     fn = sampler(method, backbone, reward, value_model, cfg)
     batches = chunks(prompts, cfg)
     fn(batches[0][0], torch.Generator(device="cpu").manual_seed(cfg.seed), min(cfg.steps, 2))  # warm-up, same shapes
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _reset_cpu_peak()
-    start = time.perf_counter()
-    outs = [fn(p, torch.Generator(device="cpu").manual_seed(seed), cfg.steps) for p, seed in batches]
-    _sync(device)
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = None if base is None else max(_proc_status_kb("VmHWM") - base, 0) / 1024
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        outs = [fn(p, torch.Generator(device="cpu").manual_seed(seed), cfg.steps) for p, seed in batches]
+        _sync(device)
+        seconds = time.perf_counter() - start
     z0 = torch.cat(outs)
     flat = [p for chunk, _ in batches for p in chunk]
     r = true_reward(backbone, reward, z0, flat, cfg.batch_size).double()
-    row = {"method": method, "sec_per_sample": seconds / len(flat), "peak_mem_mb": peak,
+    row = {"method": method, "sec_per_sample": seconds / len(flat), "peak_mem_mb": peak.mb,
            "reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), "samples": len(flat),
            "steps": cfg.steps}
     return MethodRun(row, z0.cpu(), flat, r)

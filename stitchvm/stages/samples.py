@@ -60,7 +60,7 @@ def generate(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor
         with torch.no_grad():
             latents = pipe(prompt=prompts[batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                            generator=gens, height=backbone.image_size, width=backbone.image_size,
-                           output_type="latent").images
+                           max_sequence_length=backbone.t5_tokens, output_type="latent").images
         out.append(latents.float().cpu())
     return torch.cat(out)
 
