@@ -16,7 +16,6 @@ the states the differentiable steps visit; v_ref runs with the adapter disabled 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from .alignment import EvalSet, Timer, grid, reward_of, rollout
 from .config import AlignConfig
 from .lora import TRAINED, LoraPolicy
-from .nft import _latent_hw, _slice, check_value_model, eval_row, pick_prompts, stopping_step
+from .nft import _latent_hw, _slice, check_value_model, eval_row, pick_prompts, record_update, stopping_step
 from .reward import ClipReward
 from .sampling import cfg_velocity, encode
 from .value_model import StitchedValueModel
@@ -100,11 +99,6 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
         row = {"step": step + 1, **totals, "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
                "reward_std": float(rewards.std(unbiased=False)), "tau": tau,
                **{f"{key}_s": v for key, v in seconds.items()}, "wall_s": wall}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"DRaFT loss became {row['loss']} at update {step + 1}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.updates:
-            row.update(eval_row(policy, reward, evalset, TRAINED, cfg.batch_size))
-        history.append(row)
-        if callback:
-            callback(row)
+        record_update(row, history, cfg, lambda: eval_row(policy, reward, evalset, TRAINED, cfg.batch_size),
+                      callback, "DRaFT")
     return history

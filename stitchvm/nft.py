@@ -166,6 +166,18 @@ def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: EvalSet | None, ad
     return {"eval_reward": mean}
 
 
+def record_update(row: dict, history: list[dict], cfg: AlignConfig, evaluate_adapter: Callable[[], dict],
+                  callback: Callable[[dict], None] | None, what: str) -> None:
+    """Close one update: fail on a non-finite loss, evaluate every `eval_every` updates and at the end, record."""
+    if not math.isfinite(row["loss"]):
+        raise FloatingPointError(f"{what} loss became {row['loss']} at update {row['step']}")
+    if row["step"] % cfg.eval_every == 0 or row["step"] == cfg.updates:
+        row.update(evaluate_adapter())
+    history.append(row)
+    if callback:
+        callback(row)
+
+
 def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
               value_model: StitchedValueModel | None = None, evalset: EvalSet | None = None,
               callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
@@ -263,13 +275,8 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
         row = {"step": step + 1, **terms, "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
                "reward_std": float(rewards.std(unbiased=False)), "tau": tau, "train_times": len(times),
                **{f"{key}_s": v for key, v in seconds.items()}, "wall_s": wall}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"DiffusionNFT loss became {row['loss']} at update {step + 1}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.updates:
-            row.update(eval_row(policy, reward, evalset, eval_adapter, cfg.batch_size))
-        history.append(row)
-        if callback:
-            callback(row)
+        record_update(row, history, cfg, lambda: eval_row(policy, reward, evalset, eval_adapter, cfg.batch_size),
+                      callback, "DiffusionNFT")
     return history
 
 
