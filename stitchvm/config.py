@@ -135,8 +135,10 @@ class NoisyConfig:
 class SearchConfig:
     j_max: int = 4
     batch_size: int = 16
+    upsample: str = "bilinear"  # U: bilinear (METHOD.md), or subpixel where the reward grid is finer (stitching.py)
 
     def __post_init__(self):
+        _check(self.upsample in ("bilinear", "subpixel"), f"upsample {self.upsample!r} is not bilinear/subpixel")
         _check(self.j_max >= 1, "j_max must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
 

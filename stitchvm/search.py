@@ -2,7 +2,9 @@
 
 For every backbone block i and reward block j ≤ j_max, fit y ≈ [x, 1] W (float64) from backbone tokens
 x = U(u_{≤i}(z_t)) (resampled to the reward grid) to the reward's patch tokens y = r_{<j}(D(z0)) minus the position
-embeddings (the stitched model adds them back). The fit streams over the probe set through the normal equations, so
+embeddings (the stitched model adds them back). With a sub-pixel U (`factor` > 1, see stitching.py) x is the backbone
+token itself and y the factor² reward patches under it (`pixel_unshuffle`), so each sub-position gets its own map.
+The fit streams over the probe set through the normal equations, so
 memory does not grow with the probe size. The normalised error is the fraction of y's variance left unexplained.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
@@ -64,21 +67,34 @@ class SearchResult:
     weight: torch.Tensor  # (backbone width, reward width) float64
     bias: torch.Tensor  # (reward width,)
     class_token: torch.Tensor  # (reward width,) mean class token entering block j, minus its position embedding
+    factor: int = 1  # sub-pixel factor of U (1: bilinear)
 
     def to_json(self) -> dict:
-        return {"pair": {"i": self.i, "j": self.j}, "search": self.table}
+        return {"pair": {"i": self.i, "j": self.j}, "factor": self.factor, "search": self.table}
+
+
+def subpixel_factor(grid: tuple[int, int], reward_grid: tuple[int, int]) -> int:
+    """The integer factor (≥ 2) by which `reward_grid` refines the backbone token `grid`."""
+    factor = reward_grid[0] // grid[0]
+    if factor < 2 or tuple(reward_grid) != (factor * grid[0], factor * grid[1]):
+        raise ValueError(f"search.upsample 'subpixel' needs the reward patch grid {tuple(reward_grid)} to be an integer "
+                         f"multiple (>= 2) of the backbone token grid {tuple(grid)}; use 'bilinear'")
+    return factor
 
 
 @torch.no_grad()
 def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor,
-                  j_max: int, batch_size: int, progress: bool = True) -> SearchResult:
-    """Fit every (i, j) on probe pairs: clean latents `z0` (N, C, H, W) and their noised versions `z_t` at `t` (N,)."""
+                  j_max: int, batch_size: int, progress: bool = True, upsample: str = "bilinear") -> SearchResult:
+    """Fit every (i, j) on probe pairs: clean latents `z0` (N, C, H, W) and their noised versions `z_t` at `t` (N,).
+    `upsample`: "bilinear" U, or "subpixel" (the reward grid must be an integer multiple ≥ 2 of the token grid)."""
     reward.check_block(j_max)
     if not len(z0) == len(z_t) == len(t):
         raise ValueError(f"probe sizes differ: {len(z0)} clean latents, {len(z_t)} noisy latents, {len(t)} times")
     head = BackboneHead(backbone, backbone.depth)
     pos = reward.clip.vision_model.embeddings.position_embedding.weight  # (1+P, D)
-    fits = [NormalEquations(backbone.width, [reward.width] * j_max) for _ in range(backbone.depth)]
+    grid = head.grid(z0.shape[-2:])
+    factor = subpixel_factor(grid, reward.grid) if upsample == "subpixel" else 1
+    fits = [NormalEquations(backbone.width, [reward.width * factor ** 2] * j_max) for _ in range(backbone.depth)]
     cls_sum = torch.zeros(j_max, reward.width, dtype=torch.float64)
     dev = backbone.device
     for start in tqdm(range(0, len(z0), batch_size), desc="stitch search", disable=not progress):
@@ -89,12 +105,14 @@ def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t:
         for j in range(1, j_max + 1):
             tok = reward.tokens_entering(pixels, j)  # (B, 1+P, D)
             cls_sum[j - 1] += (tok[:, 0] - pos[0]).double().sum(0).cpu()
-            targets.append((tok[:, 1:] - pos[1:]).flatten(0, 1).cpu())  # (B·P, D)
+            patches = tok[:, 1:] - pos[1:]  # (B, P, D)
+            if factor > 1:  # the factor² patches under each backbone token: (B, N, factor²·D)
+                patches = map_to_tokens(F.pixel_unshuffle(tokens_to_map(patches, reward.grid), factor))
+            targets.append(patches.flatten(0, 1).cpu())
         feats = head(z_t[sl].to(dev), t[sl].to(dev), all_blocks=True)
-        grid = head.grid(z.shape[-2:])
         for fit, u in zip(fits, feats):
-            x = map_to_tokens(resample(tokens_to_map(u, grid), reward.grid)).flatten(0, 1).cpu()  # (B·P, Db)
-            fit.add(x, targets)
+            x = u if factor > 1 else map_to_tokens(resample(tokens_to_map(u, grid), reward.grid))  # (B, ·, Db)
+            fit.add(x.flatten(0, 1).cpu(), targets)
     table, best = [], None
     for i, fit in enumerate(fits, start=1):
         for j, (w, err) in enumerate(fit.solve(), start=1):
@@ -102,11 +120,13 @@ def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t:
             if best is None or err < best[2]:
                 best = (i, j, err, w)
     i, j, _, w = best
-    return SearchResult(table=table, i=i, j=j, weight=w[:-1], bias=w[-1], class_token=(cls_sum[j - 1] / len(z0)))
+    return SearchResult(table=table, i=i, j=j, weight=w[:-1], bias=w[-1], class_token=(cls_sum[j - 1] / len(z0)),
+                        factor=factor)
 
 
 def stitched_from_search(backbone: Backbone, reward: ClipReward, result: SearchResult) -> StitchedValueModel:
     """The value model at the chosen (i, j), with F set to the least-squares map (so at init s = U∘F = the fit)."""
-    model = StitchedValueModel(backbone, reward, result.i, result.j, class_token=result.class_token.float())
+    model = StitchedValueModel(backbone, reward, result.i, result.j, class_token=result.class_token.float(),
+                               factor=result.factor)
     model.stitch.init_projection(result.weight.float(), result.bias.float())
     return model

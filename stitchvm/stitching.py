@@ -1,7 +1,12 @@
 """The stitching layer s(h) = U(F(h)) + G(U(F(h))) of METHOD.md.
 
 F: 1×1 conv (backbone width → reward width), initialised from the stage-1 least-squares fit.
-U: bilinear resampling from the backbone token grid to the reward patch grid.
+U: bilinear resampling from the backbone token grid to the reward patch grid. Where the reward grid is `factor` (≥ 2)
+   times finer than the backbone's (the embedded world: 4×4 tokens, 8×8 CLIP patches), bilinear upsampling would give
+   the factor² reward patches under one backbone token interpolations of the same features. `factor` > 1 makes U
+   sub-pixel instead: F predicts all factor² patches of its token (width factor²·reward width, each sub-position
+   fitted by least squares in stage 1) and a pixel shuffle lays them out; bilinear resampling then covers any
+   remaining mismatch (another latent size).
 G: residual bottleneck MLP (1×1 conv → SiLU → 1×1 conv → SiLU) whose last conv starts at zero, so s = U∘F at init.
 """
 from __future__ import annotations
@@ -32,11 +37,13 @@ def resample(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class StitchingLayer(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], bottleneck: int = 8):
+    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], bottleneck: int = 8, factor: int = 1):
         super().__init__()
-        self.out_grid = tuple(out_grid)
+        if factor < 1:
+            raise ValueError(f"the sub-pixel factor must be >= 1, got {factor}")
+        self.out_grid, self.factor = tuple(out_grid), factor
         hidden = max(out_dim // bottleneck, 1)
-        self.proj = nn.Conv2d(in_dim, out_dim, 1)  # F
+        self.proj = nn.Conv2d(in_dim, out_dim * factor * factor, 1)  # F (factor² sub-positions, pixel-shuffle order)
         self.residual = nn.Sequential(  # G
             nn.Conv2d(out_dim, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out_dim, 1), nn.SiLU()
         )
@@ -45,7 +52,8 @@ class StitchingLayer(nn.Module):
 
     @torch.no_grad()
     def init_projection(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Set F from a least-squares fit: `weight` (in_dim, out_dim) and `bias` (out_dim,) with y = x @ W + b."""
+        """Set F from a least-squares fit: `weight` (in_dim, out) and `bias` (out,) with y = x @ W + b, where
+        out = factor² · reward width in `F.pixel_unshuffle` channel order (the reward width when factor = 1)."""
         expected = (self.proj.in_channels, self.proj.out_channels)
         if tuple(weight.shape) != expected:
             raise ValueError(f"least-squares weight has shape {tuple(weight.shape)}, the stitch needs {expected}")
@@ -54,5 +62,8 @@ class StitchingLayer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(B, N, Din) backbone tokens on `grid` -> (B, P, Dout) reward patch tokens on `out_grid`."""
-        x = resample(self.proj(tokens_to_map(tokens, grid)), self.out_grid)  # (B, Dout, h', w')
+        x = self.proj(tokens_to_map(tokens, grid))  # (B, factor²·Dout, h, w)
+        if self.factor > 1:
+            x = F.pixel_shuffle(x, self.factor)  # (B, Dout, factor·h, factor·w)
+        x = resample(x, self.out_grid)  # (B, Dout, h', w')
         return map_to_tokens(x + self.residual(x))

@@ -27,16 +27,16 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
-                 class_token: torch.Tensor | None = None, seed: int = 0):
+                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1):
         super().__init__()
         reward.check_block(j)
-        self.i, self.j = i, j
+        self.i, self.j, self.factor = i, j, factor
         self.backbone_spec, self.reward_spec = backbone.spec, reward.spec
         self.head = BackboneHead(backbone, i)
         self.reward = reward
         embeddings = reward.clip.vision_model.embeddings
         with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
-            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid).to(
+            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid, factor=factor).to(
                 reward.image_mean.device, embeddings.class_embedding.dtype)  # the reward's dtype (bf16 backbones)
         # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
         cls = embeddings.class_embedding if class_token is None else class_token
@@ -88,7 +88,7 @@ class StitchedValueModel(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"format": FORMAT, "i": self.i, "j": self.j,
+        return {"format": FORMAT, "i": self.i, "j": self.j, "factor": self.factor,
                 "backbone": to_dict(self.backbone_spec), "reward": to_dict(self.reward_spec)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -115,7 +115,7 @@ class StitchedValueModel(nn.Module):
         bspec, rspec = from_dict(ModelSpec, cfg["backbone"]), from_dict(RewardSpec, cfg["reward"])
         backbone = _matching(backbone, bspec, "backbone", path) or build_backbone(bspec, device)
         reward = _matching(reward, rspec, "reward", path) or build_reward(rspec, device)
-        model = cls(backbone, reward, cfg["i"], cfg["j"])
+        model = cls(backbone, reward, cfg["i"], cfg["j"], factor=cfg.get("factor", 1))
         state = load_file(str(weights), device=str(device))
         expected = model.trainable_state_dict()
         bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]

@@ -49,3 +49,29 @@ def test_j_max_beyond_reward_depth(backbone, reward, gen):
         search_stitch(backbone, reward, z0, z0, torch.ones(2), j_max=9, batch_size=2)
     with pytest.raises(ValueError, match="probe sizes differ: 2 clean latents, 2 noisy latents, 1 times"):
         search_stitch(backbone, reward, z0, z0, torch.ones(1), j_max=1, batch_size=2)
+
+
+def test_subpixel_search_fits_each_sub_position_and_initialises_the_stitch(backbone, reward, gen):
+    """On 6×6 latents the backbone grid is 3×3 and the reward's 6×6: factor 2. The stitch at init reproduces the
+    least-squares prediction of every patch from the token above it."""
+    z0 = torch.randn(24, backbone.latent_channels, 6, 6, generator=gen)
+    t = torch.rand(24, generator=gen)
+    z_t = forward_noise(z0, t, torch.randn(z0.shape, generator=gen))
+    result = search_stitch(backbone, reward, z0, z_t, t, j_max=1, batch_size=10, progress=False, upsample="subpixel")
+    assert result.factor == 2 and result.weight.shape == (backbone.width, 4 * reward.width)
+    assert result.to_json()["factor"] == 2
+    model = stitched_from_search(backbone, reward, result)
+    z, tt = z0[:2], torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        u = model.head(z, tt).double()  # (2, 9, Db)
+        got = (model.stitch_tokens(z, tt) - model.position_embedding)[:, 1:].double().view(2, 6, 6, -1)
+    for r in range(3):
+        for c in range(3):
+            for a in range(2):
+                for b in range(2):
+                    cols = [d * 4 + 2 * a + b for d in range(reward.width)]
+                    expected = u[:, r * 3 + c] @ result.weight[:, cols] + result.bias[cols]
+                    assert torch.allclose(got[:, 2 * r + a, 2 * c + b], expected, atol=1e-4)
+    with pytest.raises(ValueError, match=r"reward patch grid \(6, 6\) to be an integer multiple .* token grid \(8, 8\)"):
+        search_stitch(backbone, reward, latents(backbone, 2, gen), latents(backbone, 2, gen), torch.ones(2),
+                      j_max=1, batch_size=2, upsample="subpixel")

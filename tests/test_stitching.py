@@ -44,3 +44,22 @@ def test_token_map_round_trip(gen):
 def test_wrong_least_squares_shape_is_named():
     with pytest.raises(ValueError, match=r"shape \(3, 4\), the stitch needs \(4, 3\)"):
         StitchingLayer(4, 3, (2, 2)).init_projection(torch.zeros(3, 4), torch.zeros(3))
+
+
+def test_subpixel_stitch_puts_each_sub_position_of_a_token_under_it(gen):
+    """factor 2: token (r, c) predicts the four reward patches (2r + a, 2c + b), patch (a, b) from its own columns of
+    F (pixel-unshuffle order: channel d·4 + 2a + b), checked against an explicit loop."""
+    layer = StitchingLayer(3, 5, out_grid=(4, 6), factor=2)
+    w, b = torch.randn(3, 20, generator=gen), torch.randn(20, generator=gen)
+    layer.init_projection(w, b)
+    tokens = torch.randn(2, 6, 3, generator=gen)  # a 2×3 backbone grid
+    out = layer(tokens, (2, 3)).view(2, 4, 6, 5)  # (B, 4, 6, D)
+    for r in range(2):
+        for c in range(3):
+            for a in range(2):
+                for bb in range(2):
+                    cols = [d * 4 + 2 * a + bb for d in range(5)]
+                    expected = tokens[:, r * 3 + c] @ w[:, cols] + b[cols]
+                    torch.testing.assert_close(out[:, 2 * r + a, 2 * c + bb], expected)
+    with pytest.raises(ValueError, match="sub-pixel factor must be >= 1"):
+        StitchingLayer(3, 5, (4, 4), factor=0)

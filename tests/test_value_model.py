@@ -49,6 +49,13 @@ def test_save_load_round_trip(tmp_path, backbone, reward, gen):
     with torch.no_grad():
         assert torch.equal(model(z, t, prompts), loaded(z, t, prompts))
     assert set(model.trainable_state_dict()) == set(loaded.trainable_state_dict())
+    # a sub-pixel stitch (6×6 latents: 3×3 tokens under the 6×6 reward grid) keeps its factor
+    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, factor=2))
+    model.save_pretrained(tmp_path / "subpixel")
+    loaded = StitchedValueModel.from_pretrained(tmp_path / "subpixel")
+    z = torch.randn(3, backbone.latent_channels, 6, 6, generator=gen)
+    with torch.no_grad():
+        assert loaded.factor == 2 and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
 
 
 def test_only_trainable_parts_are_saved(tmp_path, backbone, reward):

@@ -18,7 +18,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"))
     z0 = latents_for(storage, params, index.column("sample_id").to_pylist())
     result = search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max,
-                           params.search.batch_size, progress)
+                           params.search.batch_size, progress, params.search.upsample)
     storage.write_table(f"{SEARCH}/table.parquet", pa.Table.from_pylist(result.table))
     storage.write_bytes_atomic(f"{SEARCH}/init.safetensors", save_safetensors(
         {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(),

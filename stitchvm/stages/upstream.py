@@ -68,7 +68,8 @@ def read_search(storage: Storage) -> SearchResult:
     result = storage.read_json(f"{SEARCH}/result.json", hint=needs("search"))
     init = load_safetensors(storage.read_bytes(f"{SEARCH}/init.safetensors", hint=needs("search")))
     return SearchResult(table=result["search"], i=result["pair"]["i"], j=result["pair"]["j"],
-                        weight=init["weight"], bias=init["bias"], class_token=init["class_token"])
+                        weight=init["weight"], bias=init["bias"], class_token=init["class_token"],
+                        factor=result.get("factor", 1))
 
 
 def value_model_dir(storage: Storage) -> Path:
