@@ -64,8 +64,8 @@ class SearchResult:
     table: list[dict]  # [{"i", "j", "error"}] for every pair
     i: int
     j: int
-    weight: torch.Tensor  # (backbone width, reward width) float64
-    bias: torch.Tensor  # (reward width,)
+    weight: torch.Tensor  # (backbone width, factor²·reward width) float64
+    bias: torch.Tensor  # (factor²·reward width,)
     class_token: torch.Tensor  # (reward width,) mean class token entering block j, minus its position embedding
     factor: int = 1  # sub-pixel factor of U (1: bilinear)
 
@@ -88,6 +88,8 @@ def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t:
     """Fit every (i, j) on probe pairs: clean latents `z0` (N, C, H, W) and their noised versions `z_t` at `t` (N,).
     `upsample`: "bilinear" U, or "subpixel" (the reward grid must be an integer multiple ≥ 2 of the token grid)."""
     reward.check_block(j_max)
+    if upsample not in ("bilinear", "subpixel"):
+        raise ValueError(f"upsample {upsample!r} is not 'bilinear' or 'subpixel'")
     if not len(z0) == len(z_t) == len(t):
         raise ValueError(f"probe sizes differ: {len(z0)} clean latents, {len(z_t)} noisy latents, {len(t)} times")
     head = BackboneHead(backbone, backbone.depth)

@@ -49,6 +49,8 @@ def test_j_max_beyond_reward_depth(backbone, reward, gen):
         search_stitch(backbone, reward, z0, z0, torch.ones(2), j_max=9, batch_size=2)
     with pytest.raises(ValueError, match="probe sizes differ: 2 clean latents, 2 noisy latents, 1 times"):
         search_stitch(backbone, reward, z0, z0, torch.ones(1), j_max=1, batch_size=2)
+    with pytest.raises(ValueError, match="upsample 'nearest' is not 'bilinear' or 'subpixel'"):
+        search_stitch(backbone, reward, z0, z0, torch.ones(2), j_max=1, batch_size=2, upsample="nearest")
 
 
 def test_subpixel_search_fits_each_sub_position_and_initialises_the_stitch(backbone, reward, gen):
