@@ -1,19 +1,23 @@
 """Shared pieces of training-time alignment (DiffusionNFT, DRaFT): rollouts, the true reward, fixed evaluation,
-time accounting.
+time accounting, and closing an update (`record_update`).
 
 Steps and times: a rollout of `steps` steps walks the σ grid `sigmas = sampling.timesteps(backbone, steps)` from
 σ_0 = 1 down to σ_steps = 0. "Stop at step τ" means after τ sampler steps, at t = σ_τ (τ = steps: the clean latent).
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
+from .config import AlignConfig
+from .lora import LoraPolicy
 from .reward import ClipReward
 from .sampling import Conditioning, cfg_velocity, encode, initial_latents, sde_step, timesteps
 
@@ -151,3 +155,24 @@ def draw_tau(window: tuple[int, int], generator: torch.Generator) -> int:
     """τ uniform in {lo..hi} (inclusive)."""
     lo, hi = window
     return int(torch.randint(lo, hi + 1, (1,), generator=generator))
+
+
+def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: EvalSet | None, adapter: str, batch_size: int) -> dict:
+    """{"eval_reward": mean true reward of `adapter` on `evalset`}, or {} without an evaluation set."""
+    if evalset is None:
+        return {}
+    with policy.use(adapter) as backbone:
+        mean, _, _ = evaluate(backbone, reward, evalset, batch_size)
+    return {"eval_reward": mean}
+
+
+def record_update(row: dict, history: list[dict], cfg: AlignConfig, evaluate_adapter: Callable[[], dict],
+                  callback: Callable[[dict], None] | None, what: str) -> None:
+    """Close one update: fail on a non-finite loss, evaluate every `eval_every` updates and at the end, record."""
+    if not math.isfinite(row["loss"]):
+        raise FloatingPointError(f"{what} loss became {row['loss']} at update {row['step']}")
+    if row["step"] % cfg.eval_every == 0 or row["step"] == cfg.updates:
+        row.update(evaluate_adapter())
+    history.append(row)
+    if callback:
+        callback(row)

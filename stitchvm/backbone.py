@@ -172,6 +172,17 @@ def _load_pretrained(spec: ModelSpec, device) -> Backbone:
     return _freeze(backbone.to(device), dtype)
 
 
+@contextmanager
+def quiet_transformers():
+    """transformers' logging at error level within the block (restored after)."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def _load_world(spec: ModelSpec, device) -> Backbone:
     """`world:sd3`: the shipped world's parts (stitchvm/world/pretrained.py); both text encoders are the world
     CLIP's text tower, as SD3 conditions on two CLIP text towers. Its joint attentions are collapsed
@@ -180,12 +191,8 @@ def _load_world(spec: ModelSpec, device) -> Backbone:
     if spec.source != "world:sd3":
         raise ValueError(f"{spec.source!r} is a reward model, not a diffusion backbone (use world:sd3)")
     dtype = DTYPES[spec.dtype]
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the text tower of a CLIPModel folder: the vision weights are skipped
-    try:
+    with quiet_transformers():  # the text tower of a CLIPModel folder: the vision weights are skipped
         text_encoder = CLIPTextModelWithProjection.from_pretrained(world_path("clip"), dtype=dtype)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
     transformer = SD3Transformer2DModel.from_pretrained(world_path("transformer"), torch_dtype=dtype)
     collapse_attention_(transformer, ABSENT_T5_TOKENS)
     backbone = Backbone(

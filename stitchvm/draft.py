@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import EvalSet, Timer, grid, reward_of, rollout
+from .alignment import EvalSet, Timer, eval_row, grid, record_update, reward_of, rollout
 from .config import AlignConfig
 from .lora import TRAINED, LoraPolicy
-from .nft import _latent_hw, _slice, check_value_model, eval_row, pick_prompts, record_update, stopping_step
+from .nft import _latent_hw, _slice, check_value_model, pick_prompts, stopping_step
 from .reward import ClipReward
 from .sampling import cfg_velocity, encode
 from .value_model import StitchedValueModel

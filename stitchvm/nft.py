@@ -23,13 +23,13 @@ One update (`train_nft`):
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import EvalSet, Timer, draw_tau, evaluate, grid, rollout, scaled_window, true_reward
+from .alignment import (EvalSet, Timer, draw_tau, eval_row, grid, record_update, rollout, scaled_window,
+                        true_reward)
 from .config import AlignConfig
 from .lora import TRAINED, LoraPolicy
 from .reward import ClipReward
@@ -156,26 +156,6 @@ def stopping_step(cfg: AlignConfig, method: str, generator: torch.Generator) -> 
     if method.startswith("nft"):
         return draw_tau(scaled_window(cfg.tau_window, cfg.tau_of, cfg.steps), generator)
     return draw_tau(scaled_window(cfg.draft_tau_window, cfg.draft_tau_of, cfg.steps), generator)
-
-
-def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: EvalSet | None, adapter: str, batch_size: int) -> dict:
-    if evalset is None:
-        return {}
-    with policy.use(adapter) as backbone:
-        mean, _, _ = evaluate(backbone, reward, evalset, batch_size)
-    return {"eval_reward": mean}
-
-
-def record_update(row: dict, history: list[dict], cfg: AlignConfig, evaluate_adapter: Callable[[], dict],
-                  callback: Callable[[dict], None] | None, what: str) -> None:
-    """Close one update: fail on a non-finite loss, evaluate every `eval_every` updates and at the end, record."""
-    if not math.isfinite(row["loss"]):
-        raise FloatingPointError(f"{what} loss became {row['loss']} at update {row['step']}")
-    if row["step"] % cfg.eval_every == 0 or row["step"] == cfg.updates:
-        row.update(evaluate_adapter())
-    history.append(row)
-    if callback:
-        callback(row)
 
 
 def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,

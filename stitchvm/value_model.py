@@ -30,7 +30,7 @@ class StitchedValueModel(nn.Module):
                  class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1):
         super().__init__()
         reward.check_block(j)
-        self.i, self.j, self.factor = i, j, factor
+        self.i, self.j = i, j
         self.backbone_spec, self.reward_spec = backbone.spec, reward.spec
         self.head = BackboneHead(backbone, i)
         self.reward = reward
@@ -43,6 +43,11 @@ class StitchedValueModel(nn.Module):
         self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1))  # (1, 1, D)
         self.position_embedding = nn.Parameter(embeddings.position_embedding.weight.detach().clone()[None])  # (1, 1+P, D)
         self.tail = copy.deepcopy(reward.tail(j)).requires_grad_(True).train()
+
+    @property
+    def factor(self) -> int:
+        """The stitch's sub-pixel factor (1: bilinear U)."""
+        return self.stitch.factor
 
     def train(self, mode: bool = True) -> "StitchedValueModel":
         super().train(mode)

@@ -58,8 +58,6 @@ def r_squared(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return 1.0 - ((prediction - target).pow(2).sum() / (target - target.mean()).pow(2).sum()).item()
 
 
-
-
 def train_aesthetic(clip_dir: str | Path, n_steps: int, batch_size: int, generator: torch.Generator,
                     progress: bool = True, *, lr: float = 1e-3, weight_decay: float = 0.0, warmup: int | None = None,
                     eval_every: int = 0, n_eval: int = 1000, seed: int = 0,

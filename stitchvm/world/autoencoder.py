@@ -52,8 +52,6 @@ def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     return vae.decode(vae.encode(pixels).latent_dist.mean).sample
 
 
-
-
 @torch.no_grad()
 def set_latent_statistics(vae: AutoencoderKL, n: int = N_STATS, seed: int = STATS_SEED) -> tuple[float, float]:
     """Set `shift_factor` (mean) and `scaling_factor` (1 / std) from the posterior means of `n` fixed scenes."""

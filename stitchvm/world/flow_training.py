@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -30,9 +29,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from tqdm.auto import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-from transformers.utils import logging as transformers_logging
 
-from ..backbone import Backbone
+from ..backbone import Backbone, quiet_transformers
 from ..config import ModelSpec
 from . import scenes
 from .schedule import warmup_cosine
@@ -91,20 +89,10 @@ class _PromptCache:
 
 
 # ---- the backbone ----------------------------------------------------------------------------------------------
-@contextmanager
-def _quiet_transformers():
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-
-
 def world_backbone(clip_dir: str | Path, vae: AutoencoderKL, config: dict | None = None, seed: int = 0,
                    shift: float = SCHEDULER_SHIFT, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Backbone:
     """An untrained world backbone: new transformer (seeded), the given VAE, the CLIP text tower twice (frozen)."""
-    with _quiet_transformers():  # loading the text tower of a CLIPModel folder reports the vision weights it skips
+    with quiet_transformers():  # loading the text tower of a CLIPModel folder reports the vision weights it skips
         text_encoders = [CLIPTextModelWithProjection.from_pretrained(clip_dir, dtype=torch.float32) for _ in range(2)]
     tokenizers = [CLIPTokenizer.from_pretrained(clip_dir, model_max_length=max_prompt_tokens) for _ in range(2)]
     text_cfg = text_encoders[0].config
@@ -132,8 +120,6 @@ def flow_batch(backbone: Backbone, prompts: _PromptCache, batch_size: int, gener
     tt = t[:, None, None, None]
     embeds, pooled = prompts(captions)
     return (1 - tt) * z0 + tt * eps, t, embeds, pooled, eps - z0
-
-
 
 
 def train_flow(clip_dir: str | Path, vae: AutoencoderKL, n_steps: int, batch_size: int, generator: torch.Generator,
