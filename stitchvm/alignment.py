@@ -1,5 +1,5 @@
 """Shared pieces of training-time alignment (DiffusionNFT, DRaFT): rollouts, the true reward, fixed evaluation,
-time accounting, and closing an update (`record_update`).
+time accounting, one update's draws (prompts, τ) and closing an update (`record_update`).
 
 Steps and times: a rollout of `steps` steps walks the σ grid `sigmas = sampling.timesteps(backbone, steps)` from
 σ_0 = 1 down to σ_steps = 0. "Stop at step τ" means after τ sampler steps, at t = σ_τ (τ = steps: the clean latent).
@@ -20,6 +20,7 @@ from .config import AlignConfig
 from .lora import LoraPolicy
 from .reward import ClipReward
 from .sampling import Conditioning, cfg_velocity, encode, initial_latents, sde_step, timesteps
+from .value_model import StitchedValueModel
 
 
 def grid(backbone: Backbone, steps: int, latent_size: int | None = None) -> torch.Tensor:
@@ -176,3 +177,45 @@ def record_update(row: dict, history: list[dict], cfg: AlignConfig, evaluate_ada
     history.append(row)
     if callback:
         callback(row)
+
+
+# ---- one update's draws and checks (shared by nft.py and draft.py) ----------------------------------------------
+def pick_prompts(prompts: list[str], n: int, generator: torch.Generator) -> list[str]:
+    """n prompts for one update: a random subset (with replacement only when there are fewer than n)."""
+    if not prompts:
+        raise ValueError("no training prompts")
+    if len(prompts) >= n:
+        idx = torch.randperm(len(prompts), generator=generator)[:n]
+    else:
+        idx = torch.randint(len(prompts), (n,), generator=generator)
+    return [prompts[int(k)] for k in idx]
+
+
+def check_value_model(method: str, value_model: StitchedValueModel | None, policy: LoraPolicy) -> None:
+    if method.endswith("stitchvm"):
+        if value_model is None:
+            raise ValueError(f"method {method!r} needs a trained stitched value model (run the `train` stage)")
+        if value_model.backbone_spec != policy.base.spec:
+            raise ValueError(f"the value model was built on backbone {value_model.backbone_spec.source!r}, the "
+                             f"policy on {policy.base.spec.source!r}")
+
+
+def stopping_step(cfg: AlignConfig, method: str, generator: torch.Generator) -> int:
+    """τ for one update: `steps` for terminal-reward methods, else uniform in the window scaled to `steps`."""
+    if not method.endswith("stitchvm"):
+        return cfg.steps
+    if method.startswith("nft"):
+        return draw_tau(scaled_window(cfg.tau_window, cfg.tau_of, cfg.steps), generator)
+    return draw_tau(scaled_window(cfg.draft_tau_window, cfg.draft_tau_of, cfg.steps), generator)
+
+
+def latent_hw(backbone: Backbone) -> tuple[int, int]:
+    size = backbone.image_size // backbone.vae_scale
+    return size, size
+
+
+def slice_conditioning(cond: Conditioning, start: int, size: int) -> Conditioning:
+    """The conditioning of samples start..start+size."""
+    sl = slice(start, start + size)
+    return type(cond)(cond.prompts[sl], (cond.cond[0][sl], cond.cond[1][sl]), (cond.uncond[0][sl], cond.uncond[1][sl]),
+                      cond.scale)

@@ -183,9 +183,12 @@ class EvaluateConfig:
     gate_sigma: float = 0.5
     min_spearman_within_prompt: float = 0.3
     max_loss_ratio: float = 1.0
+    mc_rollouts: int = 0  # Monte Carlo value (monte_carlo.py) with this many generator rollouts per latent; 0: off
+    mc_sigmas: tuple[float, ...] = (0.5, 0.75)  # the σ (of noisy.sigmas) where it is computed
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size must be >= 1")
+        _check(self.mc_rollouts >= 0, "mc_rollouts must be >= 0 (0 turns the Monte Carlo value off)")
         _check(0.0 <= self.gate_sigma <= 1.0, "gate_sigma must lie in [0, 1]")
         _check(-1.0 <= self.min_spearman_within_prompt <= 1.0, "min_spearman_within_prompt must lie in [-1, 1]")
         _check(self.max_loss_ratio > 0, "max_loss_ratio must be > 0")
@@ -456,6 +459,9 @@ class Params:
     align: AlignConfig = field(default_factory=AlignConfig)
 
     def __post_init__(self):
+        _check(self.evaluate.mc_rollouts == 0 or set(self.evaluate.mc_sigmas) <= set(self.noisy.sigmas),
+               f"evaluate.mc_sigmas {list(self.evaluate.mc_sigmas)} are not all among noisy.sigmas "
+               f"{list(self.noisy.sigmas)}")
         _check(self.evaluate.gate_sigma in self.noisy.sigmas,
                f"evaluate.gate_sigma {self.evaluate.gate_sigma} is not one of noisy.sigmas {list(self.noisy.sigmas)}")
 

@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import EvalSet, Timer, eval_row, grid, record_update, reward_of, rollout
+from .alignment import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
+                        reward_of, rollout, slice_conditioning, stopping_step)
 from .config import AlignConfig
 from .lora import TRAINED, LoraPolicy
-from .nft import _latent_hw, _slice, check_value_model, pick_prompts, stopping_step
 from .reward import ClipReward
 from .sampling import cfg_velocity, encode
 from .value_model import StitchedValueModel
@@ -58,14 +58,14 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
         k_steps = min(cfg.draft_k, tau)
         with timer("sampling"):
             cond = encode(backbone, batch_prompts, cfg.guidance_scale)
-            z_all = torch.randn((n, backbone.latent_channels, *_latent_hw(backbone)), generator=generator)
+            z_all = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)
             z_all = z_all.to(device, backbone.transformer.dtype)
         optimiser.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "objective": 0.0, "regulariser": 0.0}
         rewards = []
         for a in range(0, n, cfg.batch_size):
             sl = slice(a, a + cfg.batch_size)
-            c, m = _slice(cond, a, cfg.batch_size), min(a + cfg.batch_size, n) - a
+            c, m = slice_conditioning(cond, a, cfg.batch_size), min(a + cfg.batch_size, n) - a
             reg: list[torch.Tensor] = []
 
             def regulariser(k, z, t, v, c=c, reg=reg):

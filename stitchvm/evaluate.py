@@ -4,7 +4,8 @@ Methods compared on the same noisy inputs: the stitched value model and the Twee
 ẑ0 = z_t - t · v_θ(z_t, t, c) uses the backbone's own conditional velocity for the image's prompt.
 Pooled correlations use every (image, prompt) pair for a CLIP reward (every image for a scalar head); within-prompt
 Spearman ranks the images of one prompt and averages over prompts, since across prompts the ranking is mostly the
-prompt's.
+prompt's. Where the Monte Carlo value (monte_carlo.py) of a noisy set is given, each method's rows also report its
+within-prompt agreement with that true value, and a `monte-carlo` row its agreement with the teacher: the ceiling.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _batched(fn: Features, z_t, t, pid, batch_size: int, device) -> tuple[torch.
 
 
 def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teacher_matrix, text, data: EvalSet,
-             lambda_tok: float) -> dict:
+             lambda_tok: float, true_values: torch.Tensor | None = None) -> dict:
     matrix = reward.score_matrix(embeds.to(text.device), text).cpu()  # (N, K)
     n = torch.arange(len(matrix))
     own, teacher_own = matrix[n, data.prompt_ids], teacher_matrix[n, data.prompt_ids]
@@ -73,6 +74,8 @@ def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teache
     }
     if reward.spec.kind == "clip" and len(data.prompts) >= 2:
         row["recall_at_1"] = recall_at_1(matrix, data.prompt_ids)
+    if true_values is not None:
+        row["spearman_within_prompt_vs_mc"] = spearman_within_groups(own, true_values, data.prompt_ids)
     return row
 
 
@@ -84,10 +87,22 @@ def noise_grid(z0: torch.Tensor, sigmas: tuple[float, ...], generator: torch.Gen
 
 def evaluate(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, data: EvalSet,
              noisy: dict[float, torch.Tensor], batch_size: int, lambda_tok: float = 1.0,
-             teacher: TeacherTargets | None = None, progress: bool = True) -> dict:
+             teacher: TeacherTargets | None = None, progress: bool = True,
+             true_values: dict[float, torch.Tensor] | None = None) -> dict:
     """Rows `{sigma, method, spearman, spearman_within_prompt, pearson, [recall_at_1], distill_loss, ms_per_eval,
     peak_mem_mb}` for each σ of `noisy` ({σ: (N, C, H, W) noised data.z0}) and method, plus the teacher's clean
-    Recall@1 and the trivial predictor's loss. `teacher` (on data.z0) is computed when not given."""
+    Recall@1 and the trivial predictor's loss. `teacher` (on data.z0) is computed when not given.
+
+    `true_values` ({σ: (N,) Monte Carlo value of noisy[σ]}, any subset of its σ) adds `spearman_within_prompt_vs_mc`
+    to those σ's rows and a row `{sigma, method: "monte-carlo", spearman_within_prompt}`."""
+    true_values = true_values or {}
+    if set(true_values) - set(noisy):
+        raise ValueError(f"Monte Carlo values at σ {sorted(set(true_values) - set(noisy))} have no noisy set "
+                         f"(noisy σ: {sorted(noisy)})")
+    for sigma, values in true_values.items():
+        if values.shape != (len(data.z0),):
+            raise ValueError(f"Monte Carlo values at σ={sigma} have shape {tuple(values.shape)}, expected "
+                             f"({len(data.z0)},)")
     device = backbone.device
     model.eval()
     if teacher is None:
@@ -105,9 +120,14 @@ def evaluate(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, 
         for name, fn in methods.items():
             embeds, tokens = _batched(fn, z_t, t, data.prompt_ids, batch_size, device)
             row = {"sigma": float(sigma), "method": name}
-            row.update(_metrics(reward, embeds, tokens, teacher, teacher_matrix, text, data, lambda_tok))
+            row.update(_metrics(reward, embeds, tokens, teacher, teacher_matrix, text, data, lambda_tok,
+                                true_values.get(sigma)))
             row.update(cost[name])
             rows.append(row)
+        if sigma in true_values:
+            teacher_own = teacher_matrix[torch.arange(len(data.z0)), data.prompt_ids]
+            rows.append({"sigma": float(sigma), "method": "monte-carlo", "spearman_within_prompt":
+                         spearman_within_groups(true_values[sigma], teacher_own, data.prompt_ids)})
     report = {"eval": rows, "trivial_loss": trivial_loss(teacher, lambda_tok)}
     if reward.spec.kind == "clip" and len(data.prompts) >= 2:
         report["teacher_recall_at_1"] = recall_at_1(teacher_matrix, data.prompt_ids)

@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import (EvalSet, Timer, draw_tau, eval_row, grid, record_update, rollout, scaled_window,
-                        true_reward)
+from .alignment import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
+                        rollout, slice_conditioning, stopping_step, true_reward)
 from .config import AlignConfig
 from .lora import TRAINED, LoraPolicy
 from .reward import ClipReward
@@ -129,35 +129,6 @@ def ema_decay(step: int, cap: float = 0.9) -> float:
 
 
 # ---- the loop --------------------------------------------------------------------------------------------------
-def pick_prompts(prompts: list[str], n: int, generator: torch.Generator) -> list[str]:
-    """n prompts for one update: a random subset (with replacement only when there are fewer than n)."""
-    if not prompts:
-        raise ValueError("no training prompts")
-    if len(prompts) >= n:
-        idx = torch.randperm(len(prompts), generator=generator)[:n]
-    else:
-        idx = torch.randint(len(prompts), (n,), generator=generator)
-    return [prompts[int(k)] for k in idx]
-
-
-def check_value_model(method: str, value_model: StitchedValueModel | None, policy: LoraPolicy) -> None:
-    if method.endswith("stitchvm"):
-        if value_model is None:
-            raise ValueError(f"method {method!r} needs a trained stitched value model (run the `train` stage)")
-        if value_model.backbone_spec != policy.base.spec:
-            raise ValueError(f"the value model was built on backbone {value_model.backbone_spec.source!r}, the "
-                             f"policy on {policy.base.spec.source!r}")
-
-
-def stopping_step(cfg: AlignConfig, method: str, generator: torch.Generator) -> int:
-    """τ for one update: `steps` for terminal-reward methods, else uniform in the window scaled to `steps`."""
-    if not method.endswith("stitchvm"):
-        return cfg.steps
-    if method.startswith("nft"):
-        return draw_tau(scaled_window(cfg.tau_window, cfg.tau_of, cfg.steps), generator)
-    return draw_tau(scaled_window(cfg.draft_tau_window, cfg.draft_tau_of, cfg.steps), generator)
-
-
 def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
               value_model: StitchedValueModel | None = None, evalset: EvalSet | None = None,
               callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
@@ -196,9 +167,9 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
         # 1. rollouts of the old policy
         with timer("sampling"), torch.no_grad(), policy.use("old"):
             cond = encode(backbone, batch_prompts, cfg.guidance_scale)
-            z = torch.randn((n, backbone.latent_channels, *_latent_hw(backbone)), generator=generator)
+            z = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)
             z = z.to(device, backbone.transformer.dtype)
-            z_anchor = torch.cat([rollout(backbone, _slice(cond, k, cfg.batch_size), z[k:k + cfg.batch_size], sigmas,
+            z_anchor = torch.cat([rollout(backbone, slice_conditioning(cond, k, cfg.batch_size), z[k:k + cfg.batch_size], sigmas,
                                           tau, cfg.eta, generator) for k in range(0, n, cfg.batch_size)])
         # 2. rewards and optimality
         with timer("reward"), torch.no_grad():
@@ -258,15 +229,3 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
         record_update(row, history, cfg, lambda: eval_row(policy, reward, evalset, eval_adapter, cfg.batch_size),
                       callback, "DiffusionNFT")
     return history
-
-
-def _latent_hw(backbone) -> tuple[int, int]:
-    size = backbone.image_size // backbone.vae_scale
-    return size, size
-
-
-def _slice(cond, start: int, size: int):
-    """The conditioning of samples start..start+size."""
-    sl = slice(start, start + size)
-    return type(cond)(cond.prompts[sl], (cond.cond[0][sl], cond.cond[1][sl]), (cond.uncond[0][sl], cond.uncond[1][sl]),
-                      cond.scale)

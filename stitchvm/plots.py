@@ -49,13 +49,15 @@ def training_curve(history: list[dict], keys=("loss", "embed", "tokens", "score"
     return _png(fig)
 
 
-def value_vs_sigma(rows: list[dict], metrics=("spearman_within_prompt", "spearman", "distill_loss")) -> bytes:
+def value_vs_sigma(rows: list[dict], metrics=("spearman_within_prompt", "spearman_within_prompt_vs_mc", "spearman",
+                                             "distill_loss")) -> bytes:
     metrics = [m for m in metrics if any(m in r for r in rows)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.3))
     for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [(r["sigma"], r[metric]) for r in rows if r["method"] == method]
-            ax.plot(*zip(*pts), marker="o", label=method)
+            pts = [(r["sigma"], r[metric]) for r in rows if r["method"] == method and metric in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, linestyle="--" if method == "monte-carlo" else "-")
         ax.set_xlabel("σ")
         ax.set_title(metric)
         ax.legend()

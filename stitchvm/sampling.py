@@ -177,14 +177,19 @@ def initial_latents(backbone: Backbone, n: int, generator: torch.Generator | Non
 @torch.no_grad()
 def sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: float,
            generator: torch.Generator | None, guidance: Guidance | None = None, eta: float = 0.0, *,
-           latents: torch.Tensor | None = None) -> torch.Tensor:
+           latents: torch.Tensor | None = None, start: float = 1.0) -> torch.Tensor:
     """Sample (B, C, h, w) clean latents, one per prompt: explicit CFG loop on the pipeline's σ grid.
 
     `generator` draws the initial noise (unless `latents` is given) and the stochastic steps' noise (η > 0).
     `guidance` (optional) returns the velocity and a correction at each step; η = 0 gives Euler steps.
+    `start` < 1 continues `latents`, noisy at σ = start, on the grid's steps below it (a rollout from z_t).
     """
     steps = check_steps(steps)
     eta = check_eta(eta)
+    if not 0 < start <= 1:
+        raise ValueError(f"start must lie in (0, 1], got {start}")
+    if start < 1 and latents is None:
+        raise ValueError(f"start={start} continues given latents: pass the noisy latents at σ = start")
     conditioning = encode(backbone, prompts, guidance_scale)
     n = conditioning.batch
     if latents is None:
@@ -194,8 +199,10 @@ def sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: f
             raise ValueError(f"latents hold {latents.shape[0]} samples for {n} prompts")
         z = latents.to(backbone.device, backbone.transformer.dtype)
     sigmas = timesteps(backbone, steps, (z.shape[-2] // backbone.patch_size) * (z.shape[-1] // backbone.patch_size))
+    if start < 1:
+        sigmas = torch.cat([sigmas.new_tensor([start]), sigmas[sigmas < start]])  # (k + 1,): start, then the tail
     sigmas = sigmas.to(z.device)
-    for k in range(steps):
+    for k in range(len(sigmas) - 1):
         s, s_next = sigmas[k], sigmas[k + 1]
         t = s.expand(n).to(z.dtype)
         if guidance is None:

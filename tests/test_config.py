@@ -22,6 +22,8 @@ def test_repo_params_load_and_round_trip():
     ({"noisy": {"sigmas": [0.5, 1.5]}}, "noisy: sigmas must lie in [0, 1]"),
     ({"noisy": {"sigmas": 0.5}}, "noisy.sigmas: expected a list"),
     ({"evaluate": {"gate_sigma": 0.3}}, "<root>: evaluate.gate_sigma 0.3 is not one of noisy.sigmas"),
+    ({"evaluate": {"mc_rollouts": 4, "mc_sigmas": [0.5, 0.6]}}, "evaluate.mc_sigmas [0.5, 0.6] are not all among"),
+    ({"evaluate": {"mc_rollouts": -1}}, "evaluate: mc_rollouts must be >= 0"),
     ({"samples": {"source": "dalle"}}, "samples: source 'dalle' is not 'pipeline', 'images' or 'smooth'"),
     ({"samples": {"source": "images"}}, "samples: source 'images' needs image_folder"),
     ({"storage": {"options": [1]}}, "storage.options: expected dict, got list"),

@@ -29,7 +29,7 @@ REDUCED = {
     "noisy": {"probe_size": 16, "sigmas": [0.1, 0.5, 0.9]},
     "search": {"j_max": 2, "batch_size": 8},
     "train": {"steps": 12, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 6},
-    "evaluate": {"batch_size": 8},
+    "evaluate": {"batch_size": 8, "mc_rollouts": 2, "mc_sigmas": [0.5]},
     "guidance": {"steps": 3, "prompts": 2, "per_prompt": 1, "particles": 2, "best_of_n": 2},
     "align": {"method": "nft-stitchvm", "updates": 2, "prompts_per_update": 1, "group_size": 2, "steps": 4,
               "eval_prompts": 1, "eval_seeds": [0], "eval_every": 1, "lora_rank": 4, "lora_alpha": 8},
@@ -171,8 +171,11 @@ def test_repro_runs_every_stage_and_writes_the_report(project):
     root, sigmas = project["root"], project["params"]["noisy"]["sigmas"]
     assert _ran(project["first"]) == [name for name in GRAPH if name not in BOOTSTRAP]
     report = json.loads((root / "reports/eval.json").read_text())
-    assert sorted((r["sigma"], r["method"]) for r in report["eval"]) == [
-        (s, m) for s in sigmas for m in ("stitchvm", "tweedie")]
+    assert sorted((r["sigma"], r["method"]) for r in report["eval"]) == sorted(
+        [(s, m) for s in sigmas for m in ("stitchvm", "tweedie")] + [(0.5, "monte-carlo")])
+    assert report["monte_carlo"]["rollouts"] == 2 and report["monte_carlo"]["sigmas"] == [0.5]
+    assert all(-1 <= r["spearman_within_prompt_vs_mc"] <= 1 for r in report["eval"]
+               if r["sigma"] == 0.5 and r["method"] != "monte-carlo")
     assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == set(GRAPH)
     # the shipped world matches dvc.lock: its bootstrap stages are up to date without running
     assert "up to date" in _run(root, DVC, "status", "--with-deps", "world_report").stdout

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: the trained value model vs the Tweedie baseline on the stored noisy test latents.
+"""Stage `evaluate`: the trained value model vs the Tweedie baseline on the stored noisy test latents; with
+`evaluate.mc_rollouts` > 0 both are also scored against the Monte Carlo value at `evaluate.mc_sigmas` (monte_carlo.py).
 
 Writes `reports/eval.json` (DVC metrics), `reports/eval_plot.json` + `reports/eval.png` (value quality vs σ), logs them
 to the training's MLflow run, and promotes the registered version to `champion` when the gate in params passes.
@@ -6,12 +7,14 @@ to the training's MLflow run, and promotes the registered version to `champion` 
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
 from .. import plots
 from ..config import Params
 from ..evaluate import EvalSet, evaluate
+from ..monte_carlo import monte_carlo_value
 from ..storage import read_shards
 from ..value_model import StitchedValueModel
 from .runtime import Paths, models, needs
@@ -33,17 +36,34 @@ def by_sigma(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
         out.setdefault(r["method"], {})[f"sigma_{r['sigma']}"] = {
-            k: v for k, v in r.items() if k in ("spearman", "spearman_within_prompt", "pearson", "recall_at_1",
-                                                "distill_loss")}
+            k: v for k, v in r.items() if k in ("spearman", "spearman_within_prompt", "spearman_within_prompt_vs_mc",
+                                                "pearson", "recall_at_1", "distill_loss")}
     return out
 
 
 def plot_rows(rows: list[dict]) -> list[dict]:
-    """One row per σ with a column per method: the shape DVC's linear plot template reads."""
+    """One row per σ with a column per method: the shape DVC's linear plot template reads. The Monte Carlo value,
+    computed at a few σ only, is left to eval.png: DVC's template drops a plot whose rows miss a column."""
     out: dict[float, dict] = {}
     for r in rows:
+        if r["method"] == "monte-carlo":
+            continue
         out.setdefault(r["sigma"], {"sigma": r["sigma"]})[r["method"]] = r["spearman_within_prompt"]
     return list(out.values())
+
+
+def true_values(params: Params, backbone, reward, data: EvalSet, noisy: dict, progress: bool) -> tuple[dict, float]:
+    """{σ: (N,) Monte Carlo value} at evaluate.mc_sigmas by rollouts of the sampler that drew the data; and seconds."""
+    cfg = params.evaluate
+    if cfg.mc_rollouts == 0:
+        return {}, 0.0
+    start = time.perf_counter()
+    prompts = [data.prompts[k] for k in data.prompt_ids.tolist()]
+    gen = torch.Generator(backbone.device).manual_seed(params.seed)
+    values = {s: monte_carlo_value(backbone, reward, noisy[s], s, prompts, cfg.mc_rollouts, params.samples.steps,
+                                   params.samples.guidance_scale, gen, cfg.batch_size, progress=progress)
+              for s in cfg.mc_sigmas}
+    return values, round(time.perf_counter() - start, 3)
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
@@ -60,8 +80,12 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     noisy = {s: noisy_t["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])] for s in dict.fromkeys(sigmas)}
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device)
+    values, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
     report = evaluate(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,
-                      teacher=teacher, progress=progress)
+                      teacher=teacher, progress=progress, true_values=values)
+    if values:
+        report["monte_carlo"] = {"rollouts": params.evaluate.mc_rollouts, "sigmas": sorted(values),
+                                 "seconds": mc_seconds}
     report["gate"] = gate(report, params)
     report["by_sigma"] = by_sigma(report["eval"])
     paths.reports.mkdir(parents=True, exist_ok=True)
