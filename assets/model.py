@@ -12,8 +12,8 @@ from .metadata import md_table, png_md, stage_doc as doc
 from .resources import MlflowResource, StitchVMResource
 
 GROUP = "model"
-EVAL_COLUMNS = ("sigma", "method", "spearman", "spearman_within_prompt", "pearson", "recall_at_1", "distill_loss",
-                "ms_per_eval", "peak_mem_mb")
+EVAL_COLUMNS = ("sigma", "method", "spearman", "spearman_within_prompt", "spearman_within_prompt_vs_mc", "pearson",
+                "recall_at_1", "distill_loss", "ms_per_eval", "peak_mem_mb")
 
 
 @asset(group_name=GROUP, deps=list(GRAPH["search"]), pool="gpu", description=doc("search"))
@@ -67,7 +67,7 @@ def evaluate(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeR
     (row,) = [r for r in report["eval"] if r["method"] == "stitchvm" and r["sigma"] == gate["sigma"]]
     metadata = {
         "dagster/row_count": len(report["eval"]),
-        "eval_table": md_table(report["eval"], [c for c in EVAL_COLUMNS if c in report["eval"][0]]),
+        "eval_table": md_table(report["eval"], [c for c in EVAL_COLUMNS if any(c in r for r in report["eval"])]),
         f"spearman_within_prompt@{gate['sigma']}": float(row["spearman_within_prompt"]),
         f"distill_loss@{gate['sigma']}": float(row["distill_loss"]),
         "trivial_loss": float(report["trivial_loss"]),
@@ -80,6 +80,9 @@ def evaluate(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeR
         "report": MetadataValue.path(str((paths.reports / "eval.json").resolve())),
         "plot": png_md((paths.reports / "eval.png").read_bytes(), "value quality vs sigma"),
     }
+    for r in report["eval"]:  # the Monte Carlo value's agreement with the teacher: what any value could reach
+        if r["method"] == "monte-carlo":
+            metadata[f"monte_carlo_ceiling@{r['sigma']}"] = float(r["spearman_within_prompt"])
     if tracked.get("model_version") and (url := mlflow.model_version_url(params.mlflow.registered_model,
                                                                            tracked["model_version"])):
         metadata["model_version_url"] = MetadataValue.url(url)

@@ -1,7 +1,10 @@
 """u_{≤i}: the frozen backbone run through patch embedding, timestep embedding and its first i blocks.
 
-The conditioning is the empty prompt (the null branch of classifier-free guidance); its context tokens go through
-`context_embedder` once, here, and are cached. Blocks after i are never run.
+`context` picks the classifier-free-guidance branch the head reads:
+- "null" (METHOD.md): the empty prompt; its context tokens go through `context_embedder` once, here, and are cached.
+- "prompt": the latent's own prompt (the conditional branch). The value E[r | z_t, c] depends on c through the
+  generator's posterior, which the null branch cannot see; at high σ, where z_t says little, this is most of it.
+Blocks after i are never run.
 """
 from __future__ import annotations
 
@@ -10,17 +13,30 @@ from torch import nn
 
 from .backbone import Backbone
 
+CONTEXTS = ("null", "prompt")
+Embeds = tuple[torch.Tensor, torch.Tensor]  # (B, L, joint_dim) prompt token states, (B, pooled_dim) pooled
+
+
+def check_context(context: str) -> str:
+    if context not in CONTEXTS:
+        raise ValueError(f"context {context!r} is not one of {CONTEXTS}")
+    return context
+
 
 class BackboneHead(nn.Module):
-    def __init__(self, backbone: Backbone, depth: int):
+    def __init__(self, backbone: Backbone, depth: int, context: str = "null"):
         super().__init__()
         if not 1 <= depth <= backbone.depth:
             raise ValueError(f"backbone block i={depth} is out of range: the backbone {backbone.spec.source!r} has "
                              f"{backbone.depth} blocks (valid i: 1..{backbone.depth})")
+        self.context = check_context(context)
         tr = backbone.transformer
         self.patch_size = tr.config.patch_size
         self.pos_embed, self.time_text_embed = tr.pos_embed, tr.time_text_embed
+        self.context_embedder = tr.context_embedder
         self.blocks = nn.ModuleList(tr.transformer_blocks[:depth])
+        self._encode_prompts = backbone.encode_prompts
+        self._prompt_cache: dict[str, Embeds] = {}
         embeds, pooled = backbone.encode_prompts([""])
         with torch.no_grad():
             self.register_buffer("null_context", tr.context_embedder(embeds), persistent=False)  # (1, L, D)
@@ -30,12 +46,39 @@ class BackboneHead(nn.Module):
     def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         return latent_hw[0] // self.patch_size, latent_hw[1] // self.patch_size
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, all_blocks: bool = False):
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Embeds:
+        """The prompts' conditioning (B, L, ·), (B, P); each prompt is encoded once and cached (the encoders are frozen)."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        if missing:
+            embeds, pooled = self._encode_prompts(missing)
+            self._prompt_cache.update({p: (embeds[k:k + 1], pooled[k:k + 1]) for k, p in enumerate(missing)})
+        embeds, pooled = zip(*(self._prompt_cache[p] for p in prompts))
+        return torch.cat(embeds), torch.cat(pooled)
+
+    def conditioning(self, b: int, prompts: list[str] | None = None, cond: Embeds | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) context tokens after `context_embedder` and (B, P) pooled embedding of the branch the head reads.
+        A prompt head takes `prompts` (encoded and cached here) or their embeddings `cond` (a sampler's own)."""
+        if self.context == "null":
+            return self.null_context.expand(b, -1, -1), self.null_pooled.expand(b, -1)
+        if cond is None:
+            if prompts is None or len(prompts) != b:
+                raise ValueError(f"a head on the prompt branch needs one prompt per latent: got "
+                                 f"{0 if prompts is None else len(prompts)} prompts for {b} latents")
+            cond = self.encode(list(prompts))
+        embeds, pooled = cond
+        if embeds.shape[0] != b or pooled.shape[0] != b:
+            raise ValueError(f"prompt embeddings for {embeds.shape[0]} latents, got {b} latents")
+        return self.context_embedder(embeds), pooled
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None, all_blocks: bool = False,
+                cond: Embeds | None = None):
         """(B, C, H, W), (B,) -> (B, N, D) image tokens after block i (or the list after every block 1..i)."""
         b = z_t.shape[0]
+        ctx, pooled = self.conditioning(b, prompts, cond)  # (B, L, D), (B, P)
         h = self.pos_embed(z_t).contiguous()  # (B, N, D)
-        temb = self.time_text_embed(t * 1000, self.null_pooled.expand(b, -1))  # (B, D)
-        ctx = self.null_context.expand(b, -1, -1)  # (B, L, D)
+        temb = self.time_text_embed(t * 1000, pooled)  # (B, D)
         outs = []
         for block in self.blocks:
             ctx, h = block(h, ctx, temb)

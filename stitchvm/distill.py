@@ -135,10 +135,14 @@ class Checkpointer:
 
 def finetune(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTargets, cfg: TrainConfig, seed: int,
              checkpoint_dir: str | Path | None = None, progress: bool = True,
-             on_step: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train `model` for `cfg.steps` steps (resuming from `checkpoint_dir/last` if present); returns the history."""
+             on_step: Callable[[dict], None] | None = None, prompts: list[str] | None = None) -> list[dict]:
+    """Train `model` for `cfg.steps` steps (resuming from `checkpoint_dir/last` if present); returns the history.
+    `prompts` (one per clean latent) feeds a head on the prompt branch (`model.context == "prompt"`)."""
     if len(z0) != len(targets):
         raise ValueError(f"{len(z0)} clean latents but {len(targets)} teacher targets")
+    if model.context == "prompt" and (prompts is None or len(prompts) != len(z0)):
+        raise ValueError(f"a value model on the prompt branch needs one prompt per clean latent: got "
+                         f"{0 if prompts is None else len(prompts)} for {len(z0)}")
     device = next(model.stitch.parameters()).device
     model.train()
     opt, sched = build_optimizer(model, cfg)
@@ -154,7 +158,8 @@ def finetune(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTarget
         t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
         noise = torch.randn((cfg.batch_size, *z0.shape[1:]), generator=gen)
         z_t = forward_noise(z0[idx], t, noise).to(device)
-        embeds, tokens = model.embed(z_t, t.to(device))
+        batch_prompts = None if prompts is None else [prompts[k] for k in idx.tolist()]
+        embeds, tokens = model.embed(z_t, t.to(device), batch_prompts)
         target = targets.subset(idx).to(device)
         parts = distillation_loss(embeds, tokens, target, cfg.lambda_tok, score_fn, cfg.lambda_score)
         opt.zero_grad(set_to_none=True)

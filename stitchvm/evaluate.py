@@ -39,8 +39,8 @@ class EvalSet:
             raise ValueError(f"prompt id {int(self.prompt_ids.max())} but only {len(self.prompts)} prompts")
 
 
-def stitch_features(model: StitchedValueModel) -> Features:
-    return lambda z_t, t, pid: model.embed(z_t, t)
+def stitch_features(model: StitchedValueModel, prompts: list[str]) -> Features:
+    return lambda z_t, t, pid: model.embed(z_t, t, [prompts[k] for k in pid.tolist()])
 
 
 def tweedie_features(backbone: Backbone, reward: ClipReward, prompts: list[str]) -> Features:
@@ -109,7 +109,8 @@ def evaluate(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, 
         teacher = teacher_targets(backbone, reward, data.z0, batch_size)
     text = reward.text_embeds(data.prompts)  # (K, E)
     teacher_matrix = reward.score_matrix(teacher.embeds.to(text.device), text).cpu()
-    methods = {"stitchvm": stitch_features(model), "tweedie": tweedie_features(backbone, reward, data.prompts)}
+    methods = {"stitchvm": stitch_features(model, data.prompts),
+               "tweedie": tweedie_features(backbone, reward, data.prompts)}
     cost = {name: _cost(fn, data, batch_size, device) for name, fn in methods.items()}
     rows = []
     for sigma, z_t in tqdm(noisy.items(), desc="evaluate", disable=not progress):

@@ -8,7 +8,8 @@ The Euler step `z' = z + (σ' - σ) u` with σ' < σ moves z by `(σ - σ') c_t 
 - `DPSStitchVM`: V = the stitched value model. Its input u_{≤i}(z_t, t, ∅) is the first i blocks of the
   *unconditional* CFG branch, so these blocks run once, with autograd; the tokens feed the stitch + reward tail
   (value, backward through i blocks only) and, detached, the remaining blocks of the unconditional branch
-  (no autograd). The conditional branch runs as usual under no_grad.
+  (no autograd). The conditional branch runs as usual under no_grad. A head on the prompt branch
+  (`context="prompt"`) shares the conditional branch instead, with the sampler's own prompt embeddings.
 
 Guidance scale per step: c_t = scale · schedule(σ) (schedule None: constant). Where c_t = 0 the step is not
 guided at all: it is exactly the unguided CFG step and costs nothing extra.
@@ -103,29 +104,30 @@ def DPSTweedie(reward: ClipReward, scale: float, schedule: Schedule | None = Non
                "DPS-Tweedie")
 
 
-# ---- DPS-StitchVM: the unconditional branch shared with the value head ---------------------------------------
+# ---- DPS-StitchVM: the CFG branch shared with the value head -------------------------------------------------
 def check_compatible(value_model: StitchedValueModel, backbone: Backbone) -> None:
     if value_model.backbone_spec != backbone.spec:
         raise ValueError(f"the value model was built on backbone {value_model.backbone_spec.source!r} "
                          f"({value_model.backbone_spec}), the sampler runs {backbone.spec.source!r} "
-                         f"({backbone.spec}): its head is not the sampler's unconditional branch")
+                         f"({backbone.spec}): its head is not a branch of the sampler's")
 
 
-def shared_uncond(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor, t: torch.Tensor,
-                  finish: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pass of the unconditional branch: ((B, N, D) tokens u_{≤i}, (B, C, H, W) unconditional velocity).
+def shared_branch(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor, t: torch.Tensor,
+                  conditioning: Conditioning, finish: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One pass of the CFG branch the value head reads (unconditional for a null head, the conditional one with the
+    sampler's own prompt embeddings for a prompt head): ((B, N, D) tokens u_{≤i}, (B, C, H, W) that branch's velocity).
 
     Blocks 1..i run under the caller's grad mode (the tokens carry the autograd graph to z when z requires grad),
-    with the value head's own modules and cached null context, exactly BackboneHead's math; blocks i+1..L,
-    norm_out, proj_out and unpatchify run on the detached tokens without autograd, as the transformer does
-    (`finish=False` skips them and returns None for the velocity: CFG scale 1 needs no unconditional velocity).
+    with the value head's own modules, exactly BackboneHead's math; blocks i+1..L, norm_out, proj_out and unpatchify
+    run on the detached tokens without autograd, as the transformer does (`finish=False` skips them and returns None
+    for the velocity, when CFG does not need this branch's velocity).
     """
     check_compatible(value_model, backbone)
     head, tr = value_model.head, backbone.transformer
     b = z.shape[0]
+    ctx, pooled = head.conditioning(b, cond=conditioning.cond if head.context == "prompt" else None)
     h = head.pos_embed(z).contiguous()  # (B, N, D)
-    temb = head.time_text_embed(t * 1000, head.null_pooled.expand(b, -1))  # (B, D)
-    ctx = head.null_context.expand(b, -1, -1)  # (B, L, D)
+    temb = head.time_text_embed(t * 1000, pooled)  # (B, D)
     for block in head.blocks:
         ctx, h = block(h, ctx, temb)
     if not finish:
@@ -137,27 +139,31 @@ def shared_uncond(value_model: StitchedValueModel, backbone: Backbone, z: torch.
         hu = tr.proj_out(tr.norm_out(hu, tu))
         p, (hh, ww) = tr.config.patch_size, z.shape[-2:]
         hu = hu.reshape(b, hh // p, ww // p, p, p, tr.out_channels)
-        v_u = torch.einsum("nhwpqc->nchpwq", hu).reshape(b, tr.out_channels, hh, ww)
-    return h, v_u
+        v = torch.einsum("nhwpqc->nchpwq", hu).reshape(b, tr.out_channels, hh, ww)
+    return h, v
 
 
 def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor,
                             t: torch.Tensor, conditioning: Conditioning) -> ValueGrad:
-    """∇_{z_t} V(z_t) through i blocks + stitch + tail, sharing the unconditional CFG branch (module docstring)."""
+    """∇_{z_t} V(z_t) through i blocks + stitch + tail, sharing the head's CFG branch (module docstring)."""
+    w, prompt_head = conditioning.scale, value_model.context == "prompt"
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
-        tokens, v_u = shared_uncond(value_model, backbone, z_in, t, finish=conditioning.scale != 1)
+        tokens, v_shared = shared_branch(value_model, backbone, z_in, t, conditioning,
+                                         finish=w != 0 if prompt_head else w != 1)
         value = value_model.value_from_head(tokens, tuple(z.shape[-2:]), conditioning.prompts)
         (grad,) = torch.autograd.grad(value.sum(), z_in)
     with torch.no_grad():
-        w = conditioning.scale
-        v_c = backbone.velocity(z, t, *conditioning.cond) if w != 0 else None
+        if prompt_head:
+            v_c, v_u = v_shared, backbone.velocity(z, t, *conditioning.uncond) if w != 1 else None
+        else:
+            v_u, v_c = v_shared, backbone.velocity(z, t, *conditioning.cond) if w != 0 else None
         v = v_u if w == 0 else v_c if w == 1 else v_u + w * (v_c - v_u)
     return ValueGrad(v, value.detach(), grad)
 
 
 def DPSStitchVM(value_model: StitchedValueModel, scale: float, schedule: Schedule | None = None) -> DPS:
-    """DPS with the stitched value model, its head shared with the CFG unconditional branch (paper scales: 0.5–7)."""
+    """DPS with the stitched value model, its head shared with a CFG branch (paper scales: 0.5–7)."""
     return DPS(lambda backbone, z, t, cond: stitchvm_value_and_grad(value_model, backbone, z, t, cond), scale,
                schedule, "DPS-StitchVM")
 

@@ -68,9 +68,11 @@ class SearchResult:
     bias: torch.Tensor  # (factor²·reward width,)
     class_token: torch.Tensor  # (reward width,) mean class token entering block j, minus its position embedding
     factor: int = 1  # sub-pixel factor of U (1: bilinear)
+    context: str = "null"  # the CFG branch the head reads (backbone_head.py)
 
     def to_json(self) -> dict:
-        return {"pair": {"i": self.i, "j": self.j}, "factor": self.factor, "search": self.table}
+        return {"pair": {"i": self.i, "j": self.j}, "factor": self.factor, "context": self.context,
+                "search": self.table}
 
 
 def subpixel_factor(grid: tuple[int, int], reward_grid: tuple[int, int]) -> int:
@@ -84,15 +86,20 @@ def subpixel_factor(grid: tuple[int, int], reward_grid: tuple[int, int]) -> int:
 
 @torch.no_grad()
 def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor,
-                  j_max: int, batch_size: int, progress: bool = True, upsample: str = "bilinear") -> SearchResult:
+                  j_max: int, batch_size: int, progress: bool = True, upsample: str = "bilinear", context: str = "null",
+                  prompts: list[str] | None = None) -> SearchResult:
     """Fit every (i, j) on probe pairs: clean latents `z0` (N, C, H, W) and their noised versions `z_t` at `t` (N,).
-    `upsample`: "bilinear" U, or "subpixel" (the reward grid must be an integer multiple ≥ 2 of the token grid)."""
+    `upsample`: "bilinear" U, or "subpixel" (the reward grid must be an integer multiple ≥ 2 of the token grid).
+    `context`: the head's CFG branch, "null" or "prompt" (then `prompts` gives each probe's prompt)."""
     reward.check_block(j_max)
     if upsample not in ("bilinear", "subpixel"):
         raise ValueError(f"upsample {upsample!r} is not 'bilinear' or 'subpixel'")
     if not len(z0) == len(z_t) == len(t):
         raise ValueError(f"probe sizes differ: {len(z0)} clean latents, {len(z_t)} noisy latents, {len(t)} times")
-    head = BackboneHead(backbone, backbone.depth)
+    head = BackboneHead(backbone, backbone.depth, context)
+    if context == "prompt" and (prompts is None or len(prompts) != len(z0)):
+        raise ValueError(f"context 'prompt' needs one prompt per probe: got {0 if prompts is None else len(prompts)} "
+                         f"for {len(z0)} probes")
     pos = reward.clip.vision_model.embeddings.position_embedding.weight  # (1+P, D)
     grid = head.grid(z0.shape[-2:])
     factor = subpixel_factor(grid, reward.grid) if upsample == "subpixel" else 1
@@ -111,7 +118,7 @@ def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t:
             if factor > 1:  # the factor² patches under each backbone token: (B, N, factor²·D)
                 patches = map_to_tokens(F.pixel_unshuffle(tokens_to_map(patches, reward.grid), factor))
             targets.append(patches.flatten(0, 1).cpu())
-        feats = head(z_t[sl].to(dev), t[sl].to(dev), all_blocks=True)
+        feats = head(z_t[sl].to(dev), t[sl].to(dev), None if prompts is None else prompts[sl], all_blocks=True)
         for fit, u in zip(fits, feats):
             x = u if factor > 1 else map_to_tokens(resample(tokens_to_map(u, grid), reward.grid))  # (B, ·, Db)
             fit.add(x.flatten(0, 1).cpu(), targets)
@@ -123,12 +130,12 @@ def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t:
                 best = (i, j, err, w)
     i, j, _, w = best
     return SearchResult(table=table, i=i, j=j, weight=w[:-1], bias=w[-1], class_token=(cls_sum[j - 1] / len(z0)),
-                        factor=factor)
+                        factor=factor, context=context)
 
 
 def stitched_from_search(backbone: Backbone, reward: ClipReward, result: SearchResult) -> StitchedValueModel:
     """The value model at the chosen (i, j), with F set to the least-squares map (so at init s = U∘F = the fit)."""
     model = StitchedValueModel(backbone, reward, result.i, result.j, class_token=result.class_token.float(),
-                               factor=result.factor)
+                               factor=result.factor, context=result.context)
     model.stitch.init_projection(result.weight.float(), result.bias.float())
     return model

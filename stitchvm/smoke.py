@@ -43,8 +43,8 @@ def run(params: Params, out: str | Path | None = None, progress: bool = True) ->
 
 
 def format_table(report: dict) -> str:
-    cols = ["sigma", "method", "spearman", "spearman_within_prompt", "pearson", "recall_at_1", "distill_loss",
-            "ms_per_eval", "peak_mem_mb"]
+    cols = ["sigma", "method", "spearman", "spearman_within_prompt", "spearman_within_prompt_vs_mc", "pearson",
+            "recall_at_1", "distill_loss", "ms_per_eval", "peak_mem_mb"]
     cols = [c for c in cols if any(c in r for r in report["eval"])]
 
     def cell(v):

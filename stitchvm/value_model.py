@@ -1,5 +1,8 @@
 """The stitched value model V_{i,j}(z_t, t, prompt) = r_{≥j}(s_ψ(u_{≤i}(z_t, t, ∅)), prompt).
 
+With `context="prompt"` the head reads the conditional branch, u_{≤i}(z_t, t, prompt), instead of the null one
+(backbone_head.py says why).
+
 Trainable: the stitching layer, the class token, the position embeddings and a copy of the reward tail r_{≥j}.
 Frozen and shared (never serialised, rebuilt from their specs): the backbone head and the reward model (the teacher,
 its text tower and any score head).
@@ -27,12 +30,12 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
-                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1):
+                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "null"):
         super().__init__()
         reward.check_block(j)
         self.i, self.j = i, j
         self.backbone_spec, self.reward_spec = backbone.spec, reward.spec
-        self.head = BackboneHead(backbone, i)
+        self.head = BackboneHead(backbone, i, context)
         self.reward = reward
         embeddings = reward.clip.vision_model.embeddings
         with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
@@ -43,6 +46,11 @@ class StitchedValueModel(nn.Module):
         self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1))  # (1, 1, D)
         self.position_embedding = nn.Parameter(embeddings.position_embedding.weight.detach().clone()[None])  # (1, 1+P, D)
         self.tail = copy.deepcopy(reward.tail(j)).requires_grad_(True).train()
+
+    @property
+    def context(self) -> str:
+        """The CFG branch the head reads: "null" (METHOD.md) or "prompt"."""
+        return self.head.context
 
     @property
     def factor(self) -> int:
@@ -64,17 +72,18 @@ class StitchedValueModel(nn.Module):
         cls = self.class_token.expand(s.shape[0], -1, -1)
         return torch.cat([cls, s], dim=1) + self.position_embedding
 
-    def stitch_tokens(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W), (B,) -> (B, 1+P, D) tokens entering reward block j."""
-        return self.reward_tokens(self.head(z_t, t), z_t.shape[-2:])
+    def stitch_tokens(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        """(B, C, H, W), (B,) -> (B, 1+P, D) tokens entering reward block j (a prompt head needs `prompts`)."""
+        return self.reward_tokens(self.head(z_t, t, prompts), z_t.shape[-2:])
 
     def embed_from_head(self, u: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, E) l2-normalised predicted image embedding and (B, 1+P, D) per-token outputs of r_{≥j}."""
         embeds, tokens = self.tail(self.reward_tokens(u, latent_hw))
         return F.normalize(embeds, dim=-1), tokens
 
-    def embed(self, z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed_from_head(self.head(z_t, t), z_t.shape[-2:])
+    def embed(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_from_head(self.head(z_t, t, prompts), z_t.shape[-2:])
 
     def value_from_head(self, u: torch.Tensor, latent_hw: tuple[int, int], prompts: list[str] | None = None
                         ) -> torch.Tensor:
@@ -89,11 +98,11 @@ class StitchedValueModel(nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         """V(z_t, t, prompt): (B,) values on the reward's scale."""
-        return self.value_from_head(self.head(z_t, t), z_t.shape[-2:], prompts)
+        return self.value_from_head(self.head(z_t, t, prompts), z_t.shape[-2:], prompts)
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"format": FORMAT, "i": self.i, "j": self.j, "factor": self.factor,
+        return {"format": FORMAT, "i": self.i, "j": self.j, "factor": self.factor, "context": self.context,
                 "backbone": to_dict(self.backbone_spec), "reward": to_dict(self.reward_spec)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -120,7 +129,8 @@ class StitchedValueModel(nn.Module):
         bspec, rspec = from_dict(ModelSpec, cfg["backbone"]), from_dict(RewardSpec, cfg["reward"])
         backbone = _matching(backbone, bspec, "backbone", path) or build_backbone(bspec, device)
         reward = _matching(reward, rspec, "reward", path) or build_reward(rspec, device)
-        model = cls(backbone, reward, cfg["i"], cfg["j"], factor=cfg.get("factor", 1))
+        model = cls(backbone, reward, cfg["i"], cfg["j"], factor=cfg.get("factor", 1),
+                    context=cfg.get("context", "null"))
         state = load_file(str(weights), device=str(device))
         expected = model.trainable_state_dict()
         bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]

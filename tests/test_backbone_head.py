@@ -54,3 +54,31 @@ def test_all_blocks_output_matches_single_depth(backbone, gen):
 def test_block_out_of_range(backbone):
     with pytest.raises(ValueError, match="backbone block i=7 is out of range.*6 blocks"):
         BackboneHead(backbone, 7)
+
+
+def test_prompt_head_equals_the_conditional_forward(backbone, gen):
+    """context="prompt": block i of the transformer's own forward with each latent's prompt."""
+    prompts = ["a red square", "a blue circle", "a red square"]
+    z, t = latents(backbone, 3, gen), torch.tensor([0.1, 0.5, 0.9])
+    captured = {}
+    hook = backbone.transformer.transformer_blocks[2].register_forward_hook(
+        lambda module, args, out: captured.update(h=out[1]))
+    try:
+        with torch.no_grad():
+            backbone.velocity(z, t, *backbone.encode_prompts(prompts))
+    finally:
+        hook.remove()
+    head = BackboneHead(backbone, 3, context="prompt")
+    with torch.no_grad():
+        h = head(z, t, prompts)
+        assert torch.allclose(h, captured["h"], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(h, BackboneHead(backbone, 3)(z, t), atol=1e-3)  # not the null branch
+    assert set(head._prompt_cache) == {"a red square", "a blue circle"}  # each prompt encoded once
+
+
+def test_prompt_head_needs_a_prompt_per_latent(backbone, gen):
+    head = BackboneHead(backbone, 2, context="prompt")
+    with pytest.raises(ValueError, match="needs one prompt per latent: got 1 prompts for 2 latents"):
+        head(latents(backbone, 2, gen), torch.tensor([0.5, 0.5]), ["a red square"])
+    with pytest.raises(ValueError, match="context 'text' is not one of"):
+        BackboneHead(backbone, 2, context="text")

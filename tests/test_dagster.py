@@ -31,7 +31,8 @@ SMALL = {
     "noisy": {"probe_size": 16, "sigmas": [0.5]},
     "search": {"j_max": 2, "batch_size": 8},
     "train": {"steps": 20, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "checkpoint_every": 10},
-    "evaluate": {"batch_size": 8, "gate_sigma": 0.5, "min_spearman_within_prompt": -1.0, "max_loss_ratio": 100.0},
+    "evaluate": {"batch_size": 8, "gate_sigma": 0.5, "min_spearman_within_prompt": -1.0, "max_loss_ratio": 100.0,
+                 "mc_rollouts": 2, "mc_sigmas": [0.5]},
     "guidance": {"steps": 3, "prompts": 2, "per_prompt": 1, "particles": 2, "best_of_n": 2},
     "align": {"method": "nft-stitchvm", "updates": 2, "prompts_per_update": 1, "group_size": 2, "steps": 4,
               "eval_prompts": 1, "eval_seeds": [0], "eval_every": 1, "lora_rank": 4, "lora_alpha": 8},
@@ -51,7 +52,8 @@ METADATA = {
               "model_version", "mlflow_run_url"},
     "guidance": {"rows", "reward_gain", "pair", "device", "report", "samples", "vs_unguided/dps-stitchvm"},
     "evaluate": {"dagster/row_count", "eval_table", "spearman_within_prompt@0.5", "distill_loss@0.5", "trivial_loss",
-                 "gate_passed", "gate_checks", "champion", "model_version", "report", "plot", "model_version_url"},
+                 "gate_passed", "gate_checks", "champion", "model_version", "report", "plot", "model_version_url",
+                 "monte_carlo_ceiling@0.5"},
 }
 CHECKS = {("samples", "samples_checksums"), ("labels", "labels_checksums"), ("labels", "labels_finite"),
           ("labels", "labels_complete"), ("evaluate", "eval_gate")}
@@ -141,6 +143,8 @@ def test_materialize_all_assets_with_metadata_and_passing_checks(run, env):
     assert md["search"]["heatmap"].value.startswith("![stitch search heatmap](data:image/png;base64,iVBOR")
     assert md["search"]["error_table"].value.startswith("| i | j | error |")
     assert "| stitchvm |" in md["evaluate"]["eval_table"].value and "data:image/png" in md["evaluate"]["plot"].value
+    assert "| monte-carlo |" in md["evaluate"]["eval_table"].value
+    assert -1 <= md["evaluate"]["monte_carlo_ceiling@0.5"].value <= 1
     assert Path(md["evaluate"]["report"].value) == env["tmp"] / "reports" / "eval.json"
 
     evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in run.get_asset_check_evaluations()}

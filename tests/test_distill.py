@@ -127,3 +127,18 @@ def test_tweedie_at_sigma_zero_is_the_teacher(backbone, reward, gen):
                    progress=False)["eval"][1]
     assert row["method"] == "tweedie"
     assert row["spearman"] == pytest.approx(1.0) and row["distill_loss"] < 1e-9
+
+
+def test_finetune_feeds_each_latents_prompt_to_a_prompt_head(backbone, reward, gen):
+    z0 = latents(backbone, 6, gen)
+    targets = teacher_targets(backbone, reward, z0, 6)
+    prompts = PROMPTS[:2] * 3
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=100)
+    with pytest.raises(ValueError, match="needs one prompt per clean latent: got 0 for 6"):
+        finetune(StitchedValueModel(backbone, reward, 2, 1, context="prompt"), z0, targets, cfg, seed=0,
+                 progress=False)
+    runs = {}
+    for name, p in (("own", prompts), ("swapped", prompts[::-1]), ("again", prompts)):
+        model = StitchedValueModel(backbone, reward, 2, 1, context="prompt")
+        runs[name] = finetune(model, z0, targets, cfg, seed=0, progress=False, prompts=p)[-1]["loss"]
+    assert runs["own"] == runs["again"] and runs["own"] != runs["swapped"]  # the prompts reach the head

@@ -6,7 +6,7 @@ import torch
 from stitchvm.backbone import build_backbone
 from stitchvm.config import ModelSpec
 from stitchvm.flow import tweedie_z0
-from stitchvm.guidance import (DPSStitchVM, DPSTweedie, power, shared_uncond, stitchvm_value_and_grad,
+from stitchvm.guidance import (DPSStitchVM, DPSTweedie, power, shared_branch, stitchvm_value_and_grad,
                                tweedie_value_and_grad, window)
 from stitchvm.sampling import (cfg_velocity, encode, euler_step, initial_latents, sample, sde_step, timesteps)
 from stitchvm.value_model import StitchedValueModel
@@ -83,24 +83,49 @@ def test_scale_zero_is_unguided_exactly(backbone, reward, value_model):
         assert torch.equal(sample(backbone, PROMPTS, 3, CFG, seed(2), guidance=guidance, eta=0.5), unguided)
 
 
+@pytest.fixture(scope="module")
+def prompt_value_model(backbone, reward):
+    """The value model on the prompt (conditional) branch, its trainable parts perturbed like `value_model`'s."""
+    model = StitchedValueModel(backbone, reward, 3, 2, context="prompt")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 @pytest.mark.parametrize("i", [3, 6])
-def test_shared_uncond_velocity_is_the_transformers(backbone, reward, value_model, gen, i):
+def test_shared_branch_velocity_is_the_transformers(backbone, reward, value_model, gen, i):
     model = value_model if i == 3 else StitchedValueModel(backbone, reward, i, 2)
     z, t = latents(backbone, 2, gen), torch.tensor([0.9, 0.35])
-    tokens, v_u = shared_uncond(model, backbone, z, t)
+    tokens, v_u = shared_branch(model, backbone, z, t, encode(backbone, PROMPTS, CFG))
     null_embeds, null_pooled = backbone.encode_prompts(["", ""])
     with torch.no_grad():
         assert torch.allclose(v_u, backbone.velocity(z, t, null_embeds, null_pooled), rtol=0, atol=1e-5)
         assert torch.allclose(tokens, model.head(z, t), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [CFG, 1.0])
-def test_stitchvm_gradient_through_shared_cfg_equals_standalone(backbone, value_model, gen, cfg):
+def test_a_prompt_head_shares_the_conditional_branch(backbone, prompt_value_model, gen):
+    z, t = latents(backbone, 2, gen), torch.tensor([0.9, 0.35])
+    cond = encode(backbone, PROMPTS, CFG)
+    tokens, v_c = shared_branch(prompt_value_model, backbone, z, t, cond)
+    with torch.no_grad():
+        assert torch.allclose(v_c, backbone.velocity(z, t, *cond.cond), rtol=0, atol=1e-5)
+        assert torch.allclose(tokens, prompt_value_model.head(z, t, PROMPTS), rtol=0, atol=1e-5)
+        other = prompt_value_model.head(z, t, PROMPTS[::-1])  # the head really reads the prompt
+        assert (other - tokens).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cfg", [CFG, 1.0, 0.0])
+@pytest.mark.parametrize("context", ["null", "prompt"])
+def test_stitchvm_gradient_through_shared_cfg_equals_standalone(backbone, value_model, prompt_value_model, gen, cfg,
+                                                                context):
+    model = value_model if context == "null" else prompt_value_model
     z, t = latents(backbone, 2, gen), torch.tensor([0.8, 0.45])
     cond = encode(backbone, PROMPTS, cfg)
-    out = stitchvm_value_and_grad(value_model, backbone, z, t, cond)
+    out = stitchvm_value_and_grad(model, backbone, z, t, cond)
     zr = z.clone().requires_grad_(True)
-    value = value_model(zr, t, PROMPTS)
+    value = model(zr, t, PROMPTS)
     (grad,) = torch.autograd.grad(value.sum(), zr)
     assert grad.abs().sum() > 0
     assert torch.allclose(out.value, value.detach(), rtol=0, atol=1e-5)

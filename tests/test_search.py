@@ -77,3 +77,23 @@ def test_subpixel_search_fits_each_sub_position_and_initialises_the_stitch(backb
     with pytest.raises(ValueError, match=r"reward patch grid \(6, 6\) to be an integer multiple .* token grid \(8, 8\)"):
         search_stitch(backbone, reward, latents(backbone, 2, gen), latents(backbone, 2, gen), torch.ones(2),
                       j_max=1, batch_size=2, upsample="subpixel")
+
+
+def test_prompt_context_search_fits_the_conditional_features(backbone, reward, gen):
+    z0 = latents(backbone, 12, gen)
+    t = torch.rand(12, generator=gen)
+    z_t = forward_noise(z0, t, torch.randn(z0.shape, generator=gen))
+    prompts = ["a red square", "a blue circle"] * 6
+    with pytest.raises(ValueError, match="context 'prompt' needs one prompt per probe: got 0 for 12 probes"):
+        search_stitch(backbone, reward, z0, z_t, t, j_max=1, batch_size=5, progress=False, context="prompt")
+    result = search_stitch(backbone, reward, z0, z_t, t, j_max=1, batch_size=5, progress=False, context="prompt",
+                           prompts=prompts)
+    assert result.context == "prompt" and result.to_json()["context"] == "prompt"
+    model = stitched_from_search(backbone, reward, result)
+    assert model.context == "prompt"
+    zz, tt = latents(backbone, 2, gen), torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        u = model.head(zz, tt, prompts[:2])
+        x = map_to_tokens(resample(tokens_to_map(u, (8, 8)), reward.grid)).double()
+        got = model.stitch_tokens(zz, tt, prompts[:2]) - model.position_embedding
+    assert torch.allclose(got[:, 1:].double(), x @ result.weight + result.bias, atol=1e-4)

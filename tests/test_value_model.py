@@ -56,6 +56,17 @@ def test_save_load_round_trip(tmp_path, backbone, reward, gen):
     z = torch.randn(3, backbone.latent_channels, 6, 6, generator=gen)
     with torch.no_grad():
         assert loaded.factor == 2 and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
+    # a head on the prompt branch keeps its context, and its value depends on the prompt through the head too
+    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, context="prompt"))
+    model.save_pretrained(tmp_path / "prompt")
+    loaded = StitchedValueModel.from_pretrained(tmp_path / "prompt")
+    z = latents(backbone, 3, gen)
+    with torch.no_grad():
+        assert loaded.context == "prompt" and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
+        e1, _ = loaded.embed(z, t, prompts)
+        e2, _ = loaded.embed(z, t, prompts[::-1])
+        assert (e1 - e2).abs().max() > 1e-4
+    assert json.loads((tmp_path / "vm" / "config.json").read_text())["context"] == "null"
 
 
 def test_only_trainable_parts_are_saved(tmp_path, backbone, reward):

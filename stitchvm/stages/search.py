@@ -9,16 +9,16 @@ from ..config import Params
 from ..search import search_stitch
 from ..storage import read_shards
 from .runtime import Paths, models, needs
-from .upstream import PROBE, SEARCH, latents_for
+from .upstream import PROBE, SEARCH, samples_for
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
     probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"))
-    z0 = latents_for(storage, params, index.column("sample_id").to_pylist())
+    z0, prompts = samples_for(storage, params, index.column("sample_id").to_pylist())
     result = search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max,
-                           params.search.batch_size, progress, params.search.upsample)
+                           params.search.batch_size, progress, params.search.upsample, params.search.context, prompts)
     storage.write_table(f"{SEARCH}/table.parquet", pa.Table.from_pylist(result.table))
     storage.write_bytes_atomic(f"{SEARCH}/init.safetensors", save_safetensors(
         {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(),

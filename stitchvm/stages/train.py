@@ -35,13 +35,14 @@ def flat_params(params: Params) -> dict:
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
-    z0, _, targets, _ = read_split(storage, params, "train", labels=True)
+    z0, index, targets, _ = read_split(storage, params, "train", labels=True)
     model = stitched_from_search(backbone, reward, read_search(storage))
     start = time.perf_counter()
     inputs = hashlib.sha256(storage.read_bytes(f"{SEARCH}/init.safetensors")
                             + storage.read_bytes(f"{SEARCH}/result.json")).hexdigest()
     ckpt = checkpoint_dir(params, paths, inputs)
-    history = finetune(model, z0, targets, params.train, params.seed, ckpt, progress)
+    history = finetune(model, z0, targets, params.train, params.seed, ckpt, progress,
+                       prompts=index.column("prompt").to_pylist())
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

@@ -57,11 +57,14 @@ def read_split(storage: Storage, params: Params, split: str, labels: bool = Fals
     return (*out, target, lab["score"][rows])
 
 
-def latents_for(storage: Storage, params: Params, sample_ids: list[int]) -> torch.Tensor:
+def samples_for(storage: Storage, params: Params, sample_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """The clean latents (N, C, H, W) and prompts of the given samples."""
     tensors, index = read_shards(storage, SAMPLES, keys=["latents"], progress=False, hint=needs("samples"),
                                  expected_shards=num_shards(params))
     position = {sid: k for k, sid in enumerate(index.column("sample_id").to_pylist())}
-    return tensors["latents"][torch.tensor([position[s] for s in sample_ids], dtype=torch.long)]
+    rows = [position[s] for s in sample_ids]
+    prompts = index.column("prompt").to_pylist()
+    return tensors["latents"][torch.tensor(rows, dtype=torch.long)], [prompts[k] for k in rows]
 
 
 def read_search(storage: Storage) -> SearchResult:
@@ -69,7 +72,7 @@ def read_search(storage: Storage) -> SearchResult:
     init = load_safetensors(storage.read_bytes(f"{SEARCH}/init.safetensors", hint=needs("search")))
     return SearchResult(table=result["search"], i=result["pair"]["i"], j=result["pair"]["j"],
                         weight=init["weight"], bias=init["bias"], class_token=init["class_token"],
-                        factor=result.get("factor", 1))
+                        factor=result.get("factor", 1), context=result.get("context", "null"))
 
 
 def value_model_dir(storage: Storage) -> Path:
