@@ -48,7 +48,7 @@ class BackboneHead(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Embeds:
-        """The prompts' conditioning (B, L, ·), (B, P); each prompt is encoded once and cached (the encoders are frozen)."""
+        """The prompts' conditioning (B, L, ·), (B, P); each prompt is encoded once and cached (frozen encoders)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
         if missing:
             embeds, pooled = self._encode_prompts(missing)
