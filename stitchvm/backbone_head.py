@@ -1,9 +1,11 @@
 """u_{≤i}: the frozen backbone run through patch embedding, timestep embedding and its first i blocks.
 
 `context` picks the classifier-free-guidance branch the head reads:
-- "null" (METHOD.md): the empty prompt; its context tokens go through `context_embedder` once, here, and are cached.
+- "empty" (METHOD.md's ∅, the unconditional branch): its context tokens go through `context_embedder` once, here,
+  and are cached.
 - "prompt": the latent's own prompt (the conditional branch). The value E[r | z_t, c] depends on c through the
-  generator's posterior, which the null branch cannot see; at high σ, where z_t says little, this is most of it.
+  generator's posterior, which the unconditional branch cannot see; at high σ, where z_t says little, this is most
+  of it.
 Blocks after i are never run.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import nn
 
 from .backbone import Backbone
 
-CONTEXTS = ("null", "prompt")
+CONTEXTS = ("empty", "prompt")
 Embeds = tuple[torch.Tensor, torch.Tensor]  # (B, L, joint_dim) prompt token states, (B, pooled_dim) pooled
 
 
@@ -24,7 +26,7 @@ def check_context(context: str) -> str:
 
 
 class BackboneHead(nn.Module):
-    def __init__(self, backbone: Backbone, depth: int, context: str = "null"):
+    def __init__(self, backbone: Backbone, depth: int, context: str = "empty"):
         super().__init__()
         if not 1 <= depth <= backbone.depth:
             raise ValueError(f"backbone block i={depth} is out of range: the backbone {backbone.spec.source!r} has "
@@ -60,7 +62,7 @@ class BackboneHead(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, D) context tokens after `context_embedder` and (B, P) pooled embedding of the branch the head reads.
         A prompt head takes `prompts` (encoded and cached here) or their embeddings `cond` (a sampler's own)."""
-        if self.context == "null":
+        if self.context == "empty":
             return self.null_context.expand(b, -1, -1), self.null_pooled.expand(b, -1)
         if cond is None:
             if prompts is None or len(prompts) != b:

@@ -136,11 +136,11 @@ class SearchConfig:
     j_max: int = 4
     batch_size: int = 16
     upsample: str = "bilinear"  # U: bilinear (METHOD.md), or subpixel where the reward grid is finer (stitching.py)
-    context: str = "null"  # the CFG branch the value head reads: null (METHOD.md) or prompt (backbone_head.py)
+    context: str = "empty"  # the CFG branch the value head reads: empty (METHOD.md's ∅) or prompt (backbone_head.py)
 
     def __post_init__(self):
         _check(self.upsample in ("bilinear", "subpixel"), f"upsample {self.upsample!r} is not bilinear/subpixel")
-        _check(self.context in ("null", "prompt"), f"context {self.context!r} is not null/prompt")
+        _check(self.context in ("empty", "prompt"), f"context {self.context!r} is not empty/prompt")
         _check(self.j_max >= 1, "j_max must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
 

@@ -114,7 +114,7 @@ def check_compatible(value_model: StitchedValueModel, backbone: Backbone) -> Non
 
 def shared_branch(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor, t: torch.Tensor,
                   conditioning: Conditioning, finish: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pass of the CFG branch the value head reads (unconditional for a null head, the conditional one with the
+    """One pass of the CFG branch the value head reads (unconditional for an empty-prompt head, the conditional one with the
     sampler's own prompt embeddings for a prompt head): ((B, N, D) tokens u_{≤i}, (B, C, H, W) that branch's velocity).
 
     Blocks 1..i run under the caller's grad mode (the tokens carry the autograd graph to z when z requires grad),

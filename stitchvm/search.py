@@ -68,7 +68,7 @@ class SearchResult:
     bias: torch.Tensor  # (factor²·reward width,)
     class_token: torch.Tensor  # (reward width,) mean class token entering block j, minus its position embedding
     factor: int = 1  # sub-pixel factor of U (1: bilinear)
-    context: str = "null"  # the CFG branch the head reads (backbone_head.py)
+    context: str = "empty"  # the CFG branch the head reads (backbone_head.py)
 
     def to_json(self) -> dict:
         return {"pair": {"i": self.i, "j": self.j}, "factor": self.factor, "context": self.context,
@@ -86,11 +86,11 @@ def subpixel_factor(grid: tuple[int, int], reward_grid: tuple[int, int]) -> int:
 
 @torch.no_grad()
 def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor,
-                  j_max: int, batch_size: int, progress: bool = True, upsample: str = "bilinear", context: str = "null",
+                  j_max: int, batch_size: int, progress: bool = True, upsample: str = "bilinear", context: str = "empty",
                   prompts: list[str] | None = None) -> SearchResult:
     """Fit every (i, j) on probe pairs: clean latents `z0` (N, C, H, W) and their noised versions `z_t` at `t` (N,).
     `upsample`: "bilinear" U, or "subpixel" (the reward grid must be an integer multiple ≥ 2 of the token grid).
-    `context`: the head's CFG branch, "null" or "prompt" (then `prompts` gives each probe's prompt)."""
+    `context`: the head's CFG branch, "empty" or "prompt" (then `prompts` gives each probe's prompt)."""
     reward.check_block(j_max)
     if upsample not in ("bilinear", "subpixel"):
         raise ValueError(f"upsample {upsample!r} is not 'bilinear' or 'subpixel'")

@@ -1,6 +1,6 @@
 """The stitched value model V_{i,j}(z_t, t, prompt) = r_{≥j}(s_ψ(u_{≤i}(z_t, t, ∅)), prompt).
 
-With `context="prompt"` the head reads the conditional branch, u_{≤i}(z_t, t, prompt), instead of the null one
+With `context="prompt"` the head reads the conditional branch, u_{≤i}(z_t, t, prompt), instead of the empty-prompt one
 (backbone_head.py says why).
 
 Trainable: the stitching layer, the class token, the position embeddings and a copy of the reward tail r_{≥j}.
@@ -30,7 +30,7 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
-                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "null"):
+                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "empty"):
         super().__init__()
         reward.check_block(j)
         self.i, self.j = i, j
@@ -49,7 +49,7 @@ class StitchedValueModel(nn.Module):
 
     @property
     def context(self) -> str:
-        """The CFG branch the head reads: "null" (METHOD.md) or "prompt"."""
+        """The CFG branch the head reads: "empty" (METHOD.md) or "prompt"."""
         return self.head.context
 
     @property
@@ -130,7 +130,7 @@ class StitchedValueModel(nn.Module):
         backbone = _matching(backbone, bspec, "backbone", path) or build_backbone(bspec, device)
         reward = _matching(reward, rspec, "reward", path) or build_reward(rspec, device)
         model = cls(backbone, reward, cfg["i"], cfg["j"], factor=cfg.get("factor", 1),
-                    context=cfg.get("context", "null"))
+                    context=cfg.get("context", "empty"))
         state = load_file(str(weights), device=str(device))
         expected = model.trainable_state_dict()
         bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]

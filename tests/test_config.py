@@ -29,7 +29,7 @@ def test_repo_params_load_and_round_trip():
     ({"storage": {"options": [1]}}, "storage.options: expected dict, got list"),
     ({"reward": {"kind": "hps"}}, "reward: kind 'hps' is not 'clip' or 'aesthetic'"),
     ({"search": {"upsample": "nearest"}}, "search: upsample 'nearest' is not bilinear/subpixel"),
-    ({"search": {"context": "text"}}, "search: context 'text' is not null/prompt"),
+    ({"search": {"context": "text"}}, "search: context 'text' is not empty/prompt"),
     ({"reward": {"kind": "aesthetic"}}, "reward: kind 'aesthetic' needs a head"),
     ({"backbone": "tiny:sd3"}, "backbone: expected a mapping"),
 ])

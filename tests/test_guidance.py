@@ -117,10 +117,10 @@ def test_a_prompt_head_shares_the_conditional_branch(backbone, prompt_value_mode
 
 
 @pytest.mark.parametrize("cfg", [CFG, 1.0, 0.0])
-@pytest.mark.parametrize("context", ["null", "prompt"])
+@pytest.mark.parametrize("context", ["empty", "prompt"])
 def test_stitchvm_gradient_through_shared_cfg_equals_standalone(backbone, value_model, prompt_value_model, gen, cfg,
                                                                 context):
-    model = value_model if context == "null" else prompt_value_model
+    model = value_model if context == "empty" else prompt_value_model
     z, t = latents(backbone, 2, gen), torch.tensor([0.8, 0.45])
     cond = encode(backbone, PROMPTS, cfg)
     out = stitchvm_value_and_grad(model, backbone, z, t, cond)

@@ -66,7 +66,7 @@ def test_save_load_round_trip(tmp_path, backbone, reward, gen):
         e1, _ = loaded.embed(z, t, prompts)
         e2, _ = loaded.embed(z, t, prompts[::-1])
         assert (e1 - e2).abs().max() > 1e-4
-    assert json.loads((tmp_path / "vm" / "config.json").read_text())["context"] == "null"
+    assert json.loads((tmp_path / "vm" / "config.json").read_text())["context"] == "empty"
 
 
 def test_only_trainable_parts_are_saved(tmp_path, backbone, reward):

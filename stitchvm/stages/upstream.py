@@ -72,7 +72,7 @@ def read_search(storage: Storage) -> SearchResult:
     init = load_safetensors(storage.read_bytes(f"{SEARCH}/init.safetensors", hint=needs("search")))
     return SearchResult(table=result["search"], i=result["pair"]["i"], j=result["pair"]["j"],
                         weight=init["weight"], bias=init["bias"], class_token=init["class_token"],
-                        factor=result.get("factor", 1), context=result.get("context", "null"))
+                        factor=result.get("factor", 1), context=result.get("context", "empty"))
 
 
 def value_model_dir(storage: Storage) -> Path:
