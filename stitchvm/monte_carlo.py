@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from .alignment import true_reward
 from .backbone import Backbone
 from .reward import ClipReward
 from .sampling import check_eta, check_prompts, check_steps, sample
@@ -20,13 +21,6 @@ def check_rollouts(rollouts) -> int:
     if isinstance(rollouts, bool) or not isinstance(rollouts, int) or rollouts < 1:
         raise ValueError(f"rollouts must be an integer >= 1, got {rollouts!r}")
     return rollouts
-
-
-@torch.no_grad()
-def own_prompt_reward(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(B,) the reward of each decoded clean latent (B, C, h, w) for its own prompt."""
-    embeds, _ = reward.image_features(backbone.decode(z0))
-    return reward.score(embeds, reward.text_embeds(prompts) if reward.spec.kind == "clip" else None)
 
 
 @torch.no_grad()
@@ -49,5 +43,5 @@ def monte_carlo_value(backbone: Backbone, reward: ClipReward, z_t: torch.Tensor,
         z = z_t[start:start + per_batch].to(backbone.device).repeat_interleave(rollouts, 0)  # (b·R, C, h, w)
         batch_prompts = [p for p in prompts[start:start + per_batch] for _ in range(rollouts)]
         z0 = sample(backbone, batch_prompts, steps, guidance_scale, generator, eta=eta, latents=z, start=t)
-        values.append(own_prompt_reward(backbone, reward, z0, batch_prompts).view(-1, rollouts).mean(1).cpu())
+        values.append(true_reward(backbone, reward, z0, batch_prompts, len(z0)).view(-1, rollouts).mean(1).cpu())
     return torch.cat(values)

@@ -4,7 +4,8 @@ import torch
 from stitchvm.distill import teacher_targets
 from stitchvm.evaluate import EvalSet, evaluate, noise_grid
 from stitchvm.latent_fields import round_robin_prompts
-from stitchvm.monte_carlo import monte_carlo_value, own_prompt_reward
+from stitchvm.alignment import true_reward
+from stitchvm.monte_carlo import monte_carlo_value
 from stitchvm.ranking import spearman_within_groups
 from stitchvm.sampling import cfg_velocity, encode, sample, timesteps
 from stitchvm.value_model import StitchedValueModel
@@ -44,7 +45,7 @@ def test_monte_carlo_value_is_the_mean_reward_of_its_rollouts(backbone, reward, 
     assert torch.equal(value, monte_carlo_value(backbone, reward, z_t, t, PROMPTS, 4, 5, CFG, seed(3)))
     rollouts = sample(backbone, [p for p in PROMPTS for _ in range(4)], 5, CFG, seed(3), eta=1.0,
                       latents=z_t.repeat_interleave(4, 0), start=t)  # (12, C, h, w): each latent's 4 rollouts
-    scores = own_prompt_reward(backbone, reward, rollouts, [p for p in PROMPTS for _ in range(4)])
+    scores = true_reward(backbone, reward, rollouts, [p for p in PROMPTS for _ in range(4)])
     assert torch.allclose(value, scores.view(3, 4).mean(1), atol=1e-5)
     assert scores.view(3, 4).std(1).min() > 0  # the rollouts really differ (η = 1 draws fresh noise)
     # batches of fewer latents draw the same noise in another order: a different, equally valid estimate
@@ -56,7 +57,7 @@ def test_monte_carlo_value_at_low_noise_is_the_clean_reward(backbone, reward, ge
     z0 = latents(backbone, 6, gen)
     z_t = noise_grid(z0, (0.002,), gen)[0.002]
     value = monte_carlo_value(backbone, reward, z_t, 0.002, PROMPTS * 2, 2, 5, CFG, seed(1))
-    clean = own_prompt_reward(backbone, reward, z0, PROMPTS * 2)
+    clean = true_reward(backbone, reward, z0, PROMPTS * 2)
     assert torch.allclose(value, clean, atol=0.02 * clean.abs().max().item())
 
 
