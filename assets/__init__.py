@@ -3,8 +3,8 @@
 Thin adapters: each asset reads the params through its resource, calls `stage(name).run(...)` (which reads and writes
 the storage root) and turns the stage's summary into metadata. Nothing passes through IO managers.
 """
-from . import alignment, data, model, world
-from .resources import MlflowResource, StitchVMResource
+from assets import alignment, data, model, world
+from assets.resources import MlflowResource, StitchVMResource
 
 ASSETS = [*world.ASSETS, *data.ASSETS, *model.ASSETS, *alignment.ASSETS]
 CHECKS = [*data.CHECKS, *model.CHECKS]

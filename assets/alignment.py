@@ -7,8 +7,8 @@ from dagster import MaterializeResult, MetadataValue, asset
 
 from stitchvm.stages import GRAPH, stage
 
-from .metadata import md_table, png_md, stage_doc as doc
-from .resources import MlflowResource, StitchVMResource
+from assets.metadata import md_table, png_md, stage_doc as doc
+from assets.resources import MlflowResource, StitchVMResource
 
 GROUP = "alignment"
 ROW_COLUMNS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std")

@@ -7,10 +7,10 @@ from safetensors.torch import load as load_safetensors
 
 from stitchvm.stages import GRAPH, stage
 from stitchvm.stages.upstream import EVAL, LABELS, PROBE, SAMPLES, num_shards, read_prompts
-from stitchvm.storage import read_index, sha256, shard_digests, shard_name, verify_shards
+from stitchvm.data.storage import read_index, sha256, shard_digests, shard_name, verify_shards
 
-from .metadata import md_table, shard_metadata, stage_doc as doc
-from .resources import StitchVMResource
+from assets.metadata import md_table, shard_metadata, stage_doc as doc
+from assets.resources import StitchVMResource
 
 GROUP = "data"
 

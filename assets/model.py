@@ -8,8 +8,8 @@ from dagster import AssetCheckResult, AssetCheckSeverity, MaterializeResult, Met
 from stitchvm.stages import GRAPH, stage
 from stitchvm.stages.upstream import SEARCH
 
-from .metadata import md_table, png_md, stage_doc as doc
-from .resources import MlflowResource, StitchVMResource
+from assets.metadata import md_table, png_md, stage_doc as doc
+from assets.resources import MlflowResource, StitchVMResource
 
 GROUP = "model"
 EVAL_COLUMNS = ("sigma", "method", "spearman", "spearman_within_prompt", "spearman_within_prompt_vs_mc", "pearson",

@@ -35,7 +35,7 @@ class StitchVMResource(ConfigurableResource):
 
 
 class MlflowResource(ConfigurableResource):
-    """Where the stages' MLflow tracking goes; the stages do the logging themselves (stitchvm.tracking).
+    """Where the stages' MLflow tracking goes; the stages do the logging themselves (stitchvm.stages.tracking).
 
     `tracking_uri`, when set, is exported as MLFLOW_TRACKING_URI before any asset of the run executes (an explicit
     `mlflow.tracking_uri` in params still wins). `ui_url` (default: env MLFLOW_UI_URL) makes run and model-version

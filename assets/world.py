@@ -11,8 +11,8 @@ from dagster import AssetsDefinition, MaterializeResult, MetadataValue, asset
 
 from stitchvm.stages import BOOTSTRAP, GRAPH, stage
 
-from .metadata import png_md, stage_doc as doc
-from .resources import StitchVMResource
+from assets.metadata import png_md, stage_doc as doc
+from assets.resources import StitchVMResource
 
 GROUP = "world"
 

@@ -5,8 +5,8 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load_params
-from .stages import GRAPH, PARTITIONED, stage
+from stitchvm.config import ConfigError, load_params
+from stitchvm.stages import GRAPH, PARTITIONED, stage
 
 
 def _shards(text: str) -> list[int]:
@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "smoke":
-            from .smoke import run
+            from stitchvm.smoke import run
             run(params, args.out, progress=progress)
             return 0
-        from .stages.runtime import Paths
+        from stitchvm.stages.runtime import Paths
         kwargs = {"shards": args.shards} if args.command in PARTITIONED else {}
         summary = stage(args.command).run(params, Paths.from_params(params), progress=progress, **kwargs)
     except (FileNotFoundError, ValueError) as e:
@@ -72,10 +72,10 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
         return 2
     try:
         if args.name == "guidance":
-            from .benchmarks.guidance import run
+            from stitchvm.benchmarks.guidance import run
             run(args.profile, out, count=args.count, progress=progress)
         else:
-            from .benchmarks.align import run
+            from stitchvm.benchmarks.align import run
             run(args.profile, out, updates=args.updates, progress=progress)
     except ConfigError as e:
         print(f"stitchvm bench {args.name}: {e}", file=sys.stderr)

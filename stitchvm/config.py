@@ -355,7 +355,7 @@ class WorldReportConfig:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """The bootstrap stages that pretrain the embedded world (`world_*`, stitchvm/world/pretrained.py)."""
+    """The bootstrap stages that pretrain the embedded world (`world_*`, stitchvm/models/world_source.py)."""
 
     seed: int = 0
     clip: ClipTraining = field(default_factory=ClipTraining)

@@ -11,9 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import Params, to_dict
-from .stages import VALUE_PIPELINE, stage
-from .stages.runtime import Paths
+from stitchvm.config import Params, to_dict
+from stitchvm.stages import VALUE_PIPELINE, stage
+from stitchvm.stages.runtime import Paths
 
 
 def run(params: Params, out: str | Path | None = None, progress: bool = True) -> dict:

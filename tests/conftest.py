@@ -7,9 +7,9 @@ import fsspec
 import pytest
 import torch
 
-from stitchvm.backbone import build_backbone
+from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, RewardSpec
-from stitchvm.reward import build_reward
+from stitchvm.models.reward import build_reward
 
 
 @pytest.fixture(scope="session")

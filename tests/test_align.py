@@ -7,15 +7,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stitchvm.alignment import EvalSet, evaluate, scaled_window
+from stitchvm.alignment.trainer import EvalSet, evaluate, scaled_window
 from stitchvm.config import AlignConfig, ConfigError, Params, from_dict
-from stitchvm.draft import train_draft
-from stitchvm.lora import TRAINED, LoraPolicy
-from stitchvm.nft import (NFT_ADAPTERS, bridge, ema_decay, nft_loss, old_decay, optimality, train_nft, x0_target)
+from stitchvm.alignment.draft import train_draft
+from stitchvm.models.lora import TRAINED, LoraPolicy
+from stitchvm.alignment.nft import (NFT_ADAPTERS, bridge, ema_decay, nft_loss, old_decay, optimality, train_nft, x0_target)
 from stitchvm.stages import align as align_stage
 from stitchvm.stages import stage
 from stitchvm.stages.runtime import Paths
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
 

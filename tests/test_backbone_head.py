@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from stitchvm.backbone_head import BackboneHead
+from stitchvm.value.head import BackboneHead
 
 from conftest import latents
 

@@ -10,8 +10,8 @@ import yaml
 from stitchvm.benchmarks import counting
 from stitchvm.benchmarks.guidance import run as bench
 from stitchvm.config import ConfigError, GUIDANCE_METHODS, ModelSpec, Params, RewardSpec, from_dict, GuidanceConfig
-from stitchvm.sampling import sample
-from stitchvm.steering import best_of_n
+from stitchvm.diffusion.sampling import sample
+from stitchvm.guidance.fk import best_of_n
 
 ROW_KEYS = {"method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std"}
 TINY = {"backbone": {"source": "tiny:sd3"}, "reward": {"source": "tiny:clip", "kind": "clip"},
@@ -152,7 +152,7 @@ def test_count_mode_json_on_the_arch_presets(tmp_path):
 def test_guidance_stage_writes_report_grids_and_mlflow(tmp_path):
     from stitchvm.stages import guidance, prompts
     from stitchvm.stages.runtime import Paths, models
-    from stitchvm.value_model import StitchedValueModel
+    from stitchvm.value.model import StitchedValueModel
 
     params = from_dict(Params, {**TINY, "storage": {"root": str(tmp_path / "data")},
                                 "guidance": {**SMALL_GUIDANCE, "methods": ["unguided", "dps-stitchvm", "best-of-n"]},

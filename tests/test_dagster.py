@@ -180,7 +180,7 @@ def test_a_corrupted_shard_fails_the_checksum_check(run, env, tmp_path):
 
 def test_non_finite_labels_fail_the_finite_check(run, env, tmp_path):
     """A NaN score written consistently (its shard's sha256 updated) passes the checksums but not the finite check."""
-    from stitchvm.storage import open_root, read_shards, write_shard
+    from stitchvm.data.storage import open_root, read_shards, write_shard
 
     assert run.success
     shutil.copytree(env["tmp"] / "data", tmp_path / "data")

@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from stitchvm.config import TrainConfig
-from stitchvm.distill import (TeacherTargets, build_optimizer, distillation_loss, finetune, teacher_targets,
+from stitchvm.value.training import (TeacherTargets, build_optimizer, distillation_loss, finetune, teacher_targets,
                               trivial_loss)
-from stitchvm.evaluate import EvalSet, evaluate, noise_grid
-from stitchvm.flow import forward_noise
-from stitchvm.latent_fields import round_robin_prompts, smooth_latents
-from stitchvm.ranking import spearman_within_groups
-from stitchvm.search import search_stitch, stitched_from_search
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.value.evaluation import EvalSet, evaluate, noise_grid
+from stitchvm.diffusion.flow import forward_noise
+from stitchvm.data.latent_fields import round_robin_prompts, smooth_latents
+from stitchvm.value.ranking import spearman_within_groups
+from stitchvm.value.search import search_stitch, stitched_from_search
+from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
 

@@ -3,13 +3,13 @@ import copy
 import pytest
 import torch
 
-from stitchvm.backbone import build_backbone
+from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec
-from stitchvm.flow import tweedie_z0
-from stitchvm.guidance import (DPSStitchVM, DPSTweedie, power, shared_branch, stitchvm_value_and_grad,
+from stitchvm.diffusion.flow import tweedie_z0
+from stitchvm.guidance.dps import (DPSStitchVM, DPSTweedie, power, shared_branch, stitchvm_value_and_grad,
                                tweedie_value_and_grad, window)
-from stitchvm.sampling import (cfg_velocity, encode, euler_step, initial_latents, sample, sde_step, timesteps)
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.diffusion.sampling import (cfg_velocity, encode, euler_step, initial_latents, sample, sde_step, timesteps)
+from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
 

@@ -3,10 +3,10 @@ import time
 import pytest
 import torch
 
-from stitchvm.backbone import build_backbone
+from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, RewardSpec
-from stitchvm.reward import build_reward
-from stitchvm.tokenizer import tiny_clip_tokenizer
+from stitchvm.models.reward import build_reward
+from stitchvm.models.tokenizers import tiny_clip_tokenizer
 
 
 def _params(module):

@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from stitchvm.distill import teacher_targets
-from stitchvm.evaluate import EvalSet, evaluate, noise_grid
-from stitchvm.latent_fields import round_robin_prompts
-from stitchvm.alignment import true_reward
-from stitchvm.monte_carlo import monte_carlo_value
-from stitchvm.ranking import spearman_within_groups
-from stitchvm.sampling import cfg_velocity, encode, sample, timesteps
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.value.training import teacher_targets
+from stitchvm.value.evaluation import EvalSet, evaluate, noise_grid
+from stitchvm.data.latent_fields import round_robin_prompts
+from stitchvm.alignment.trainer import true_reward
+from stitchvm.value.monte_carlo import monte_carlo_value
+from stitchvm.value.ranking import spearman_within_groups
+from stitchvm.diffusion.sampling import cfg_velocity, encode, sample, timesteps
+from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
 

@@ -2,7 +2,7 @@ import pytest
 import scipy.stats
 import torch
 
-from stitchvm.ranking import average_ranks, pearson, recall_at_1, spearman, spearman_within_groups
+from stitchvm.value.ranking import average_ranks, pearson, recall_at_1, spearman, spearman_within_groups
 
 
 def test_ranks_match_scipy_with_ties(gen):

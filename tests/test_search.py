@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from stitchvm.flow import forward_noise
-from stitchvm.search import NormalEquations, search_stitch, stitched_from_search
-from stitchvm.stitching import map_to_tokens, resample, tokens_to_map
+from stitchvm.diffusion.flow import forward_noise
+from stitchvm.value.search import NormalEquations, search_stitch, stitched_from_search
+from stitchvm.value.stitching import map_to_tokens, resample, tokens_to_map
 
 from conftest import latents
 

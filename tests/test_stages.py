@@ -12,7 +12,7 @@ from stitchvm.config import from_dict, Params
 from stitchvm.stages import VALUE_PIPELINE, stage
 from stitchvm.stages.runtime import Paths
 from stitchvm.stages.upstream import num_shards
-from stitchvm.storage import open_root, read_shards
+from stitchvm.data.storage import open_root, read_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -121,7 +121,7 @@ def test_image_folder_source(tmp_path, backbone):
     import numpy as np
     from PIL import Image
 
-    from stitchvm.image_folder import load_image
+    from stitchvm.data.image_folder import load_image
 
     folder = tmp_path / "images"
     folder.mkdir()

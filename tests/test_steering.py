@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from stitchvm.sampling import sample
-from stitchvm.steering import fk_sample, stitchvm_potential, tweedie_potential
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.diffusion.sampling import sample
+from stitchvm.guidance.fk import fk_sample, stitchvm_potential, tweedie_potential
+from stitchvm.value.model import StitchedValueModel
 
 PROMPTS = ["a red square", "a blue circle"]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stitchvm.stitching import StitchingLayer, map_to_tokens, tokens_to_map
+from stitchvm.value.stitching import StitchingLayer, map_to_tokens, tokens_to_map
 
 
 def test_at_init_the_stitch_is_exactly_U_of_F(gen):

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stitchvm.storage import (open_root, read_index, read_shards, shard_complete, shard_index_name, verify_shards,
+from stitchvm.data.storage import (open_root, read_index, read_shards, shard_complete, shard_index_name, verify_shards,
                               write_shard, write_shards)
 
 N, SHARD = 10, 4  # 3 shards: 4 + 4 + 2 rows

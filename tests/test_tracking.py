@@ -11,8 +11,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from stitchvm import tracking
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.stages import tracking
+from stitchvm.value.model import StitchedValueModel
 
 NAME = "stitchvm-value"
 

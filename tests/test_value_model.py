@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from stitchvm.backbone import build_backbone
+from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec
-from stitchvm.value_model import StitchedValueModel
+from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
 

@@ -10,7 +10,7 @@ from stitchvm.world.clip_training import (
     HELD_OUT_SEED, image_embeds, preprocess, save_clip, text_embeds, train_clip, world_clip_config,
     zero_shot_accuracy,
 )
-from stitchvm.world.tokenizer import (
+from stitchvm.world.caption_tokenizer import (
     EXTRA_WORDS, openai_clip_tokenizer, openai_ids, world_clip_tokenizer, world_vocab_and_merges,
 )
 
@@ -131,7 +131,7 @@ def test_world_tokenizer_keeps_openai_pieces_for_the_grammar(tmp_path):
 def test_preprocess_matches_clip_reward():
     from transformers import CLIPModel
 
-    from stitchvm import reward
+    from stitchvm.models import reward
     from stitchvm.config import RewardSpec
     from stitchvm.world import clip_training
 
@@ -178,7 +178,7 @@ def test_short_training_learns(trained, held_out):
 
 def test_trained_clip_works_inside_clip_reward(trained, held_out):
     from stitchvm.config import RewardSpec
-    from stitchvm.reward import ClipReward
+    from stitchvm.models.reward import ClipReward
 
     model, tokenizer, _ = trained
     rew = ClipReward(RewardSpec("tiny:clip"), model, tokenizer)

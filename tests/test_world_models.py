@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from stitchvm.backbone import build_backbone, fan_in_init_
+from stitchvm.models.backbone import build_backbone, fan_in_init_
 from stitchvm.config import ModelSpec, RewardSpec
-from stitchvm.reward import AestheticHead, build_reward
+from stitchvm.models.reward import AestheticHead, build_reward
 from stitchvm.world import scenes
 from stitchvm.world.aesthetic import image_property, save_head, train_aesthetic
 from stitchvm.world.autoencoder import set_latent_statistics, train_vae, world_vae_config
@@ -18,7 +18,7 @@ from stitchvm.world.clip_training import save_clip, world_clip_config
 from stitchvm.world.evaluation import pair_win_rates, prompt_pair_win_rate, win_rate
 from stitchvm.world.flow_training import (MAX_PROMPT_TOKENS, _PromptCache, collapsed_attention, flow_batch,
                                           save_backbone, train_flow, world_backbone, world_transformer_config)
-from stitchvm.world.tokenizer import world_clip_tokenizer
+from stitchvm.world.caption_tokenizer import world_clip_tokenizer
 
 SMALL_VAE = world_vae_config(block_out_channels=(16, 16, 32), norm_num_groups=8)
 

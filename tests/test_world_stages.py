@@ -21,12 +21,12 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: 
 
 import pipelines  # noqa: E402
 from assets import MlflowResource, StitchVMResource  # noqa: E402
-from stitchvm.backbone import build_backbone  # noqa: E402
+from stitchvm.models.backbone import build_backbone  # noqa: E402
 from stitchvm.config import ModelSpec, RewardSpec  # noqa: E402
-from stitchvm.reward import build_reward  # noqa: E402
+from stitchvm.models.reward import build_reward  # noqa: E402
 from stitchvm.stages import BOOTSTRAP  # noqa: E402
 from stitchvm.stages.bootstrap import install  # noqa: E402
-from stitchvm.world import pretrained  # noqa: E402
+from stitchvm.models import world_source as pretrained  # noqa: E402
 
 REDUCED_WORLD = {
     "clip": {"steps": 6, "batch_size": 16},

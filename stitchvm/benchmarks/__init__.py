@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Params, load_params
+from stitchvm.config import Params, load_params
 
 PROFILE_DIR = Path("profiles")
 

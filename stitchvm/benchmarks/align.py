@@ -24,8 +24,8 @@ import multiprocessing
 import platform
 from pathlib import Path
 
-from ..config import ALIGN_METHODS
-from . import load_profile
+from stitchvm.config import ALIGN_METHODS
+from stitchvm.benchmarks import load_profile
 
 COLUMNS = ("method", "sec_per_update", "peak_mem_mb", "reward_before", "reward_after", "sampling_s", "reward_s",
            "update_s")
@@ -33,10 +33,10 @@ COLUMNS = ("method", "sec_per_update", "peak_mem_mb", "reward_before", "reward_a
 
 def _prompts(params):
     """(train, eval) prompts: from the profile's prompts.parquet when the pipeline ran, else split as `prompts` does."""
-    from ..stages.align import split_prompts
-    from ..stages.prompts import read_source
-    from ..stages.prompts import split_prompts as split_table
-    from ..storage import open_root
+    from stitchvm.stages.align import split_prompts
+    from stitchvm.stages.prompts import read_source
+    from stitchvm.stages.prompts import split_prompts as split_table
+    from stitchvm.data.storage import open_root
 
     storage = open_root(params.storage.root, params.storage.options)
     if storage.exists("prompts.parquet"):
@@ -48,9 +48,9 @@ def _prompts(params):
 
 
 def _value_model(params, backbone, reward):
-    from ..stages.upstream import value_model_dir
-    from ..storage import open_root
-    from ..value_model import StitchedValueModel
+    from stitchvm.stages.upstream import value_model_dir
+    from stitchvm.data.storage import open_root
+    from stitchvm.value.model import StitchedValueModel
 
     try:
         folder = value_model_dir(open_root(params.storage.root, params.storage.options))
@@ -65,10 +65,10 @@ def measure(profile: str, method: str, updates: int | None) -> dict:
     """One method in this process: train `updates` updates, return its row (run in a fresh process)."""
     import torch
 
-    from ..alignment import EvalSet, evaluate
-    from ..profiling import PeakMemory
-    from ..stages.align import eval_adapter, train_adapter
-    from ..stages.runtime import models
+    from stitchvm.alignment.trainer import EvalSet, evaluate
+    from stitchvm.profiling import PeakMemory
+    from stitchvm.stages.align import eval_adapter, train_adapter
+    from stitchvm.stages.runtime import models
 
     _, params = load_profile(profile)
     cfg = dataclasses.replace(params.align, method=method, updates=updates or params.align.updates)

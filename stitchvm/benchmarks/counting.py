@@ -35,13 +35,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from ..backbone import Backbone, build_backbone
-from ..config import GuidanceConfig, ModelSpec, RewardSpec
-from ..guidance import DPSStitchVM, DPSTweedie
-from ..reward import ClipReward, build_reward
-from ..sampling import Conditioning, cfg_velocity, encode, sde_step
-from ..steering import stitchvm_potential, tweedie_potential
-from ..value_model import StitchedValueModel
+from stitchvm.models.backbone import Backbone, build_backbone
+from stitchvm.config import GuidanceConfig, ModelSpec, RewardSpec
+from stitchvm.guidance.dps import DPSStitchVM, DPSTweedie
+from stitchvm.models.reward import ClipReward, build_reward
+from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode, sde_step
+from stitchvm.guidance.fk import stitchvm_potential, tweedie_potential
+from stitchvm.value.model import StitchedValueModel
 
 aten = torch.ops.aten
 COUNTED = ("unguided", "dps-tweedie", "dps-stitchvm", "fk-tweedie", "fk-stitchvm")

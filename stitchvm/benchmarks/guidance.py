@@ -29,15 +29,15 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..backbone import Backbone
-from ..config import GuidanceConfig, ModelSpec, Params, RewardSpec, parse_schedule, to_dict
-from ..guidance import DPSStitchVM, DPSTweedie, Schedule, power, window
-from ..profiling import PeakMemory
-from ..reward import ClipReward
-from ..sampling import sample
-from ..steering import best_of_n, fk_sample, reward_scorer, stitchvm_potential, tweedie_potential
-from ..value_model import StitchedValueModel
-from . import load_profile, profile_path
+from stitchvm.models.backbone import Backbone
+from stitchvm.config import GuidanceConfig, ModelSpec, Params, RewardSpec, parse_schedule, to_dict
+from stitchvm.guidance.dps import DPSStitchVM, DPSTweedie, Schedule, power, window
+from stitchvm.profiling import PeakMemory
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import sample
+from stitchvm.guidance.fk import best_of_n, fk_sample, reward_scorer, stitchvm_potential, tweedie_potential
+from stitchvm.value.model import StitchedValueModel
+from stitchvm.benchmarks import load_profile, profile_path
 
 ARCH_BACKBONE, ARCH_REWARD = "arch:sd3.5-medium", "arch:clip-vit-l-14"
 ROW_KEYS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std")
@@ -141,7 +141,7 @@ class Setup:
 
 def eval_prompts(params: Params) -> list[str]:
     """The test split of the prompts stage (recomputed from params: same source, seed and split sizes)."""
-    from ..stages.prompts import read_source, split_prompts
+    from stitchvm.stages.prompts import read_source, split_prompts
 
     p = params.prompts
     table = split_prompts(read_source(p.source), p.train, p.val, p.test, params.seed)
@@ -151,8 +151,8 @@ def eval_prompts(params: Params) -> list[str]:
 def load_value_model(params: Params, backbone: Backbone, reward: ClipReward, root: str | None = None
                      ) -> tuple[StitchedValueModel, str]:
     """The trained value model under the storage root, else an untrained one at (value_i, value_j)."""
-    from ..stages.runtime import Paths
-    from ..stages.upstream import value_model_dir
+    from stitchvm.stages.runtime import Paths
+    from stitchvm.stages.upstream import value_model_dir
 
     paths = Paths.from_params(params) if root is None else Paths(root=root, storage_options=params.storage.options)
     try:
@@ -166,7 +166,7 @@ def load_value_model(params: Params, backbone: Backbone, reward: ClipReward, roo
 
 
 def setup(params: Params, root: str | None = None, device: str | None = None) -> Setup:
-    from ..stages.runtime import models
+    from stitchvm.stages.runtime import models
 
     backbone, reward = models(params, device)
     value_model, source = load_value_model(params, backbone, reward, root)
@@ -182,7 +182,7 @@ def device_name(device: torch.device) -> str:
 # ---- the benchmark -----------------------------------------------------------------------------------------------
 def _worker(profile_file: str, method: str, root: str | None) -> dict:
     """One method in this process (the fresh subprocess of an isolated CPU measurement)."""
-    from ..config import load_params
+    from stitchvm.config import load_params
 
     params = load_params(profile_file)
     s = setup(params, root)
@@ -211,7 +211,7 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
     name, params = load_profile(profile)
     cfg = params.guidance
     if count:
-        from .counting import count as count_rows, ratios
+        from stitchvm.benchmarks.counting import count as count_rows, ratios
 
         bspec, rspec = count_models(params)
         rows = count_rows(bspec, rspec, cfg, resolutions, progress=progress)
@@ -255,8 +255,8 @@ def count_models(params: Params) -> tuple[ModelSpec, RewardSpec]:
 
 
 def _value_source(params: Params, root: str | None) -> str:
-    from ..stages.runtime import Paths
-    from ..stages.upstream import value_model_dir
+    from stitchvm.stages.runtime import Paths
+    from stitchvm.stages.upstream import value_model_dir
 
     paths = Paths.from_params(params) if root is None else Paths(root=root, storage_options=params.storage.options)
     try:

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .. import plots
-from ..alignment import EvalSet, evaluate
-from ..config import AlignConfig, Params, to_dict
-from ..draft import train_draft
-from ..lora import TRAINED, LoraPolicy
-from ..nft import NFT_ADAPTERS, train_nft
-from ..value_model import StitchedValueModel
-from .runtime import Paths, models
-from .upstream import read_prompts, value_model_dir
+from stitchvm.stages import plots
+from stitchvm.alignment.trainer import EvalSet, evaluate
+from stitchvm.config import AlignConfig, Params, to_dict
+from stitchvm.alignment.draft import train_draft
+from stitchvm.models.lora import TRAINED, LoraPolicy
+from stitchvm.alignment.nft import NFT_ADAPTERS, train_nft
+from stitchvm.value.model import StitchedValueModel
+from stitchvm.stages.runtime import Paths, models
+from stitchvm.stages.upstream import read_prompts, value_model_dir
 
 ADAPTER, SUMMARY = "adapter", "align/summary.json"
 GRID_COLUMNS = 8
@@ -115,8 +115,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
 
 def track_alignment(params: Params, history: list[dict], summary: dict, folder: Path, curve: bytes,
                     grid: bytes) -> dict:
-    from .. import tracking  # mlflow is imported only where a run is tracked
-    from .train import flat_params
+    from stitchvm import tracking  # mlflow is imported only where a run is tracked
+    from stitchvm.stages.train import flat_params
 
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, run_name=f"align-{params.align.method}",

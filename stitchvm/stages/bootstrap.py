@@ -12,10 +12,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .. import plots
-from ..config import Params, to_dict
-from ..world.pretrained import world_dir
-from .runtime import Paths
+from stitchvm.stages import plots
+from stitchvm.config import Params, to_dict
+from stitchvm.models.world_source import world_dir
+from stitchvm.stages.runtime import Paths
 
 # One scene stream per model, so retraining one part never shifts another part's data.
 STREAMS = {"world_clip": 1, "world_vae": 2, "world_backbone": 3, "world_aesthetic": 4, "world_report": 5}
@@ -76,7 +76,7 @@ def finish(stage: str, params: Params, paths: Paths, recipe, history: list[dict]
 
 
 def track(stage: str, params: Params, recipe, history: list[dict], summary: dict, curve: bytes) -> str:
-    from .. import tracking  # mlflow is imported only where a run is tracked
+    from stitchvm import tracking  # mlflow is imported only where a run is tracked
 
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, run_name=stage, tracking_uri=cfg.tracking_uri) as run:

@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from .. import plots
-from ..config import Params
-from ..evaluate import EvalSet, evaluate
-from ..monte_carlo import monte_carlo_value
-from ..storage import read_shards
-from ..value_model import StitchedValueModel
-from .runtime import Paths, models, needs
-from .upstream import EVAL, read_prompts, read_split, read_train_summary, value_model_dir
+from stitchvm.stages import plots
+from stitchvm.config import Params
+from stitchvm.value.evaluation import EvalSet, evaluate
+from stitchvm.value.monte_carlo import monte_carlo_value
+from stitchvm.data.storage import read_shards
+from stitchvm.value.model import StitchedValueModel
+from stitchvm.stages.runtime import Paths, models, needs
+from stitchvm.stages.upstream import EVAL, read_prompts, read_split, read_train_summary, value_model_dir
 
 
 def gate(report: dict, params: Params) -> dict:
@@ -99,7 +99,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
 
 
 def track_evaluation(params: Params, storage, report: dict, png: bytes) -> dict:
-    from .. import tracking
+    from stitchvm.stages import tracking
 
     summary = read_train_summary(storage)
     if summary.get("run_id") is None:

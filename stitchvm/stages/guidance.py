@@ -14,13 +14,13 @@ import json
 
 import torch
 
-from .. import plots
-from ..benchmarks.guidance import MethodRun, device_name, format_table, run_method
-from ..config import Params, to_dict
-from ..plots import image_grid
-from ..value_model import StitchedValueModel
-from .runtime import Paths, models
-from .upstream import read_prompts, read_train_summary, value_model_dir
+from stitchvm.stages import plots
+from stitchvm.benchmarks.guidance import MethodRun, device_name, format_table, run_method
+from stitchvm.config import Params, to_dict
+from stitchvm.stages.plots import image_grid
+from stitchvm.value.model import StitchedValueModel
+from stitchvm.stages.runtime import Paths, models
+from stitchvm.stages.upstream import read_prompts, read_train_summary, value_model_dir
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     cfg = params.guidance
@@ -82,7 +82,7 @@ def decode_images(backbone, latents: torch.Tensor, batch_size: int) -> torch.Ten
 
 
 def track_guidance(params: Params, storage, report: dict, pngs: dict[str, bytes]) -> dict:
-    from .. import tracking
+    from stitchvm.stages import tracking
 
     try:
         run_id = read_train_summary(storage).get("run_id")

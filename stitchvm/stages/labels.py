@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Params
-from ..distill import teacher_targets
-from ..storage import read_shards, shard_complete, write_shard
-from .runtime import Paths, models, needs
-from .upstream import LABELS, SAMPLES, num_shards
+from stitchvm.config import Params
+from stitchvm.value.training import teacher_targets
+from stitchvm.data.storage import read_shards, shard_complete, write_shard
+from stitchvm.stages.runtime import Paths, models, needs
+from stitchvm.stages.upstream import LABELS, SAMPLES, num_shards
 
 
 def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from ..config import Params
-from ..flow import forward_noise
-from ..storage import write_shards
-from .runtime import Paths
-from .upstream import EVAL, PROBE, read_split
+from stitchvm.config import Params
+from stitchvm.diffusion.flow import forward_noise
+from stitchvm.data.storage import write_shards
+from stitchvm.stages.runtime import Paths
+from stitchvm.stages.upstream import EVAL, PROBE, read_split
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..config import Params
-from ..image_folder import read_metadata
-from .runtime import Paths
-from .upstream import PROMPTS
+from stitchvm.config import Params
+from stitchvm.data.image_folder import read_metadata
+from stitchvm.stages.runtime import Paths
+from stitchvm.stages.upstream import PROMPTS
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("square", "circle", "triangle")

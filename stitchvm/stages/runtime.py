@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import Backbone, build_backbone
-from ..config import ModelSpec, Params, RewardSpec
-from ..reward import ClipReward, build_reward
-from ..storage import Storage, open_root
+from stitchvm.models.backbone import Backbone, build_backbone
+from stitchvm.config import ModelSpec, Params, RewardSpec
+from stitchvm.models.reward import ClipReward, build_reward
+from stitchvm.data.storage import Storage, open_root
 
 
 @dataclass(frozen=True)

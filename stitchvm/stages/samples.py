@@ -12,13 +12,13 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from ..backbone import Backbone
-from ..config import Params
-from ..image_folder import images_by_text, load_image
-from ..latent_fields import smooth_latents
-from ..storage import shard_complete, write_shard
-from .runtime import Paths, models
-from .upstream import SAMPLES, num_shards, read_prompts
+from stitchvm.models.backbone import Backbone
+from stitchvm.config import Params
+from stitchvm.data.image_folder import images_by_text, load_image
+from stitchvm.data.latent_fields import smooth_latents
+from stitchvm.data.storage import shard_complete, write_shard
+from stitchvm.stages.runtime import Paths, models
+from stitchvm.stages.upstream import SAMPLES, num_shards, read_prompts
 
 
 def sample_seed(seed: int, sample_id: int) -> int:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pyarrow as pa
 from safetensors.torch import save as save_safetensors
 
-from .. import plots
-from ..config import Params
-from ..search import search_stitch
-from ..storage import read_shards
-from .runtime import Paths, models, needs
-from .upstream import PROBE, SEARCH, samples_for
+from stitchvm.stages import plots
+from stitchvm.config import Params
+from stitchvm.value.search import search_stitch
+from stitchvm.data.storage import read_shards
+from stitchvm.stages.runtime import Paths, models, needs
+from stitchvm.stages.upstream import PROBE, SEARCH, samples_for
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:

@@ -8,12 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from .. import plots
-from ..config import Params, to_dict
-from ..distill import finetune
-from ..search import stitched_from_search
-from .runtime import Paths, models
-from .upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
+from stitchvm.stages import plots
+from stitchvm.config import Params, to_dict
+from stitchvm.value.training import finetune
+from stitchvm.value.search import stitched_from_search
+from stitchvm.stages.runtime import Paths, models
+from stitchvm.stages.upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
 
 
 def checkpoint_dir(params: Params, paths: Paths, inputs: str = "") -> Path:
@@ -65,7 +65,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
 
 
 def track_training(params: Params, model, history: list[dict], summary: dict, heatmap: bytes, curve: bytes) -> dict:
-    from .. import tracking  # mlflow is imported only where a run is tracked
+    from stitchvm import tracking  # mlflow is imported only where a run is tracked
 
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, run_name="train", tracking_uri=cfg.tracking_uri) as run:

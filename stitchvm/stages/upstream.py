@@ -10,11 +10,11 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load as load_safetensors
 
-from ..config import Params
-from ..distill import TeacherTargets
-from ..search import SearchResult
-from ..storage import Storage, read_shards
-from .runtime import needs
+from stitchvm.config import Params
+from stitchvm.value.training import TeacherTargets
+from stitchvm.value.search import SearchResult
+from stitchvm.data.storage import Storage, read_shards
+from stitchvm.stages.runtime import needs
 
 PROMPTS = "prompts.parquet"
 SAMPLES, LABELS = "samples", "labels"

@@ -2,11 +2,11 @@
 image embedding, trained to predict a visible image property (stitchvm/world/aesthetic.py)."""
 from __future__ import annotations
 
-from ..config import Params
-from ..world.aesthetic import save_head, train_aesthetic
-from ..world.pretrained import world_path
-from .bootstrap import finish, install, scene_stream, timed, weight_bytes
-from .runtime import Paths
+from stitchvm.config import Params
+from stitchvm.world.aesthetic import save_head, train_aesthetic
+from stitchvm.models.world_source import world_path
+from stitchvm.stages.bootstrap import finish, install, scene_stream, timed, weight_bytes
+from stitchvm.stages.runtime import Paths
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from ..config import Params
-from ..world.flow_training import train_flow
-from ..world.pretrained import world_path
-from .bootstrap import finish, install, scene_stream, timed, weight_bytes
-from .runtime import Paths
+from stitchvm.config import Params
+from stitchvm.world.flow_training import train_flow
+from stitchvm.models.world_source import world_path
+from stitchvm.stages.bootstrap import finish, install, scene_stream, timed, weight_bytes
+from stitchvm.stages.runtime import Paths
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:

@@ -7,13 +7,13 @@ import json
 
 import torch
 
-from .. import plots
-from ..backbone import build_backbone
-from ..config import ModelSpec, Params, RewardSpec
-from ..reward import build_reward
-from ..world.evaluation import WIN_RATE_PROMPTS, clip_scores, sample_pixels, world_report
-from .bootstrap import timed
-from .runtime import Paths
+from stitchvm.stages import plots
+from stitchvm.models.backbone import build_backbone
+from stitchvm.config import ModelSpec, Params, RewardSpec
+from stitchvm.models.reward import build_reward
+from stitchvm.world.evaluation import WIN_RATE_PROMPTS, clip_scores, sample_pixels, world_report
+from stitchvm.stages.bootstrap import timed
+from stitchvm.stages.runtime import Paths
 
 GRID_COLUMNS = 6
 

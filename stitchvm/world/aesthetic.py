@@ -6,7 +6,7 @@ shapes' area (count, size) and their colour contrast with the background, so it 
 circle" can be small on a bright background or large on a dark one; about two thirds of its variance is within
 colour + shape), and guidance can plausibly raise it (bigger, more contrasting shapes).
 
-The head is `stitchvm.reward.AestheticHead(projection_dim)` with LAION's default widths and is fed exactly what
+The head is `stitchvm.models.reward.AestheticHead(projection_dim)` with LAION's default widths and is fed exactly what
 `ClipReward.score` feeds it (the l2-normalised image embedding of `ClipReward.image_features`), so
 `build_reward(RewardSpec(source=clip_dir, kind="aesthetic", head=path))` loads the saved head unchanged. It is trained
 to predict the property standardised by its mean and std on a fixed batch of scenes (`STATS_SEED`), so the score is in
@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RewardSpec
-from ..ranking import spearman
-from ..reward import AestheticHead, ClipReward, build_reward
-from . import scenes
-from .schedule import warmup_cosine
+from stitchvm.config import RewardSpec
+from stitchvm.value.ranking import spearman
+from stitchvm.models.reward import AestheticHead, ClipReward, build_reward
+from stitchvm.world import scenes
+from stitchvm.lr_schedule import warmup_cosine
 
 HELD_OUT_SEED = 2_000_039  # held-out scenes for Spearman / R²
 STATS_SEED = 2_000_041  # the fixed batch that standardises the property
@@ -115,7 +115,7 @@ def evaluate_head(head: AestheticHead, embeds: torch.Tensor, target: torch.Tenso
 
 
 def save_head(head: AestheticHead, path: str | Path) -> int:
-    """The head's state dict as float32 safetensors (the layout `stitchvm.reward._build_head` loads); returns bytes."""
+    """The head's state dict as float32 safetensors (the layout `stitchvm.models.reward._build_head` loads); returns bytes."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -2,7 +2,7 @@
 
 The class and folder layout are those of the SD3 VAE (no quant convs, `scaling_factor` / `shift_factor` in the
 config), so the world backbone loads it with `AutoencoderKL.from_pretrained(..., subfolder="vae")` and
-`stitchvm.backbone.Backbone.encode/decode` apply the usual `z = (E(x) - shift) · scale` convention.
+`stitchvm.models.backbone.Backbone.encode/decode` apply the usual `z = (E(x) - shift) · scale` convention.
 
 Loss: pixel MSE of the decoded posterior *sample* (so the decoder is robust to small latent errors, which a flow model
 makes) plus a small KL to N(0, I) per latent element (keeps the latent scale bounded and smooth). After training the
@@ -19,8 +19,8 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from . import scenes
-from .schedule import warmup_cosine
+from stitchvm.world import scenes
+from stitchvm.lr_schedule import warmup_cosine
 
 HELD_OUT_SEED = 2_000_011  # held-out scenes for PSNR; train with another generator
 STATS_SEED = 2_000_017  # the fixed batch that sets scaling_factor / shift_factor

@@ -1,7 +1,7 @@
 """Pretraining the world's small CLIP on procedural scenes (symmetric InfoNCE with partial captions).
 
 The model is a plain `transformers.CLIPModel` (`WORLD_CLIP` config) with the world tokenizer (OpenAI's BPE restricted
-to the caption grammar), so it loads with `CLIPModel.from_pretrained` and works inside `stitchvm.reward.ClipReward`
+to the caption grammar), so it loads with `CLIPModel.from_pretrained` and works inside `stitchvm.models.reward.ClipReward`
 unchanged: images are preprocessed exactly as `ClipReward.preprocess` does ([-1, 1] pixels -> OpenAI mean/std).
 
 Training captions are partial descriptions of the scene (`scenes.sample_mentions`: full, colour + shape, colour only,
@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from . import scenes
-from .schedule import warmup_cosine
-from .tokenizer import world_clip_tokenizer
+from stitchvm.world import scenes
+from stitchvm.lr_schedule import warmup_cosine
+from stitchvm.world.caption_tokenizer import world_clip_tokenizer
 
-# Equal to stitchvm.reward.OPENAI_CLIP_MEAN / _STD (a test checks it); kept here so the world imports lightly.
+# Equal to stitchvm.models.reward.OPENAI_CLIP_MEAN / _STD (a test checks it); kept here so the world imports lightly.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HELD_OUT_SEED = 2_000_003  # scenes for zero-shot evaluation; train with another seed

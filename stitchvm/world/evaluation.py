@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import Backbone
-from ..ranking import spearman
-from ..reward import ClipReward
-from ..sampling import sample
-from . import scenes
-from .aesthetic import image_property
-from .autoencoder import psnr
-from .clip_training import HELD_OUT_SEED, zero_shot_accuracy
+from stitchvm.models.backbone import Backbone
+from stitchvm.value.ranking import spearman
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import sample
+from stitchvm.world import scenes
+from stitchvm.world.aesthetic import image_property
+from stitchvm.world.autoencoder import psnr
+from stitchvm.world.clip_training import HELD_OUT_SEED, zero_shot_accuracy
 
 # the check: "a {colour} {shape}" for every colour, the shapes cycling (each colour once, each shape ≥ 2×)
 WIN_RATE_PROMPTS = tuple(f"a {c} {scenes.SHAPES[k % 3]}" for k, c in enumerate(scenes.COLOURS))

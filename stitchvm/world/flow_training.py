@@ -1,12 +1,12 @@
 """Pretraining the world's diffusion backbone: a small `SD3Transformer2DModel` trained by rectified flow.
 
-The result is a `stitchvm.backbone.Backbone` with exactly the SD3 components: the transformer, the world VAE
+The result is a `stitchvm.models.backbone.Backbone` with exactly the SD3 components: the transformer, the world VAE
 (frozen), `FlowMatchEulerDiscreteScheduler`, and as `text_encoder` *and* `text_encoder_2` the world CLIP's text tower
 (`CLIPTextModelWithProjection` loaded from the CLIP folder, frozen) with the world tokenizer. `save_backbone` writes
 the SD3 folder layout, so `build_backbone(ModelSpec(source=folder))` and `StableDiffusion3Pipeline.from_pretrained`
 load it like a real SD3 checkpoint.
 
-Training follows the backbone's convention (`Backbone.velocity`, `stitchvm.sampling`): `z_t = (1 - t) z0 + t ε`,
+Training follows the backbone's convention (`Backbone.velocity`, `stitchvm.diffusion.sampling`): `z_t = (1 - t) z0 + t ε`,
 target `ε - z0`, the transformer fed `1000 · t`, t logit-normal; the conditioning is `Backbone.encode_prompts` of
 partial captions (`scenes.sample_mentions`, so short prompts such as "a red circle" are in distribution), replaced by
 the empty prompt with probability `caption_dropout` (classifier-free guidance needs the unconditional model).
@@ -30,11 +30,11 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from tqdm.auto import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..backbone import Backbone, quiet_transformers
-from ..config import ModelSpec
-from . import scenes
-from .schedule import warmup_cosine
-from .attention import collapsed_attention
+from stitchvm.models.backbone import Backbone, quiet_transformers
+from stitchvm.config import ModelSpec
+from stitchvm.world import scenes
+from stitchvm.lr_schedule import warmup_cosine
+from stitchvm.models.collapsed_attention import collapsed_attention
 
 HELD_OUT_SEED = 2_000_029  # held-out scenes, noise and times for the evaluation loss
 MAX_PROMPT_TOKENS = 16  # the backbone tokenizer's model_max_length (CLIP token states per prompt)

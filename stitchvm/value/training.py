@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .config import TrainConfig
-from .flow import forward_noise, logit_normal
-from .reward import ClipReward
-from .value_model import StitchedValueModel
+from stitchvm.models.backbone import Backbone
+from stitchvm.config import TrainConfig
+from stitchvm.diffusion.flow import forward_noise, logit_normal
+from stitchvm.models.reward import ClipReward
+from stitchvm.value.model import StitchedValueModel
 
 
 @dataclass

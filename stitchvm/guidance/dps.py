@@ -1,4 +1,4 @@
-"""DPS guidance for `stitchvm.sampling.sample`: the tilted velocity u = v - c_t ∇_{z_t} V(z_t) (METHOD.md).
+"""DPS guidance for `stitchvm.diffusion.sampling.sample`: the tilted velocity u = v - c_t ∇_{z_t} V(z_t) (METHOD.md).
 
 The Euler step `z' = z + (σ' - σ) u` with σ' < σ moves z by `(σ - σ') c_t ∇V`: it climbs V.
 
@@ -20,11 +20,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .backbone import Backbone
-from .flow import tweedie_z0
-from .reward import ClipReward
-from .sampling import Conditioning, Guided, cfg_velocity, check_scale
-from .value_model import StitchedValueModel
+from stitchvm.models.backbone import Backbone
+from stitchvm.diffusion.flow import tweedie_z0
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import Conditioning, Guided, cfg_velocity, check_scale
+from stitchvm.value.model import StitchedValueModel
 
 Schedule = Callable[[float], float]
 

@@ -15,13 +15,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .distill import TeacherTargets, distillation_loss, teacher_targets, trivial_loss
-from .flow import forward_noise, tweedie_z0
-from .profiling import measure
-from .ranking import pearson, recall_at_1, spearman, spearman_within_groups
-from .reward import ClipReward
-from .value_model import StitchedValueModel
+from stitchvm.models.backbone import Backbone
+from stitchvm.value.training import TeacherTargets, distillation_loss, teacher_targets, trivial_loss
+from stitchvm.diffusion.flow import forward_noise, tweedie_z0
+from stitchvm.profiling import measure
+from stitchvm.value.ranking import pearson, recall_at_1, spearman, spearman_within_groups
+from stitchvm.models.reward import ClipReward
+from stitchvm.value.model import StitchedValueModel
 
 Features = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

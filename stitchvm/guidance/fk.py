@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from .backbone import Backbone
-from .flow import tweedie_z0
-from .reward import ClipReward
-from .sampling import (cfg_velocity, check_eta, check_prompts, check_steps, encode, initial_latents, sample,
+from stitchvm.models.backbone import Backbone
+from stitchvm.diffusion.flow import tweedie_z0
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import (cfg_velocity, check_eta, check_prompts, check_steps, encode, initial_latents, sample,
                        sde_step, timesteps)
-from .value_model import StitchedValueModel
+from stitchvm.value.model import StitchedValueModel
 
 Potential = Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor]  # (B, C, H, W), (B,), prompts -> (B,)
 

@@ -28,13 +28,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
+from stitchvm.alignment.trainer import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
                         rollout, slice_conditioning, stopping_step, true_reward)
-from .config import AlignConfig
-from .lora import TRAINED, LoraPolicy
-from .reward import ClipReward
-from .sampling import encode
-from .value_model import StitchedValueModel
+from stitchvm.config import AlignConfig
+from stitchvm.models.lora import TRAINED, LoraPolicy
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import encode
+from stitchvm.value.model import StitchedValueModel
 
 NFT_ADAPTERS = (TRAINED, "old", "ema")
 

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from .backbone import DTYPES, fan_in_init_, seeded
-from .config import RewardSpec
-from .presets import REWARD_PRESETS, is_preset, lookup
-from .tokenizer import tiny_clip_tokenizer
-from .world.pretrained import check_world_source, is_world, world_path
+from stitchvm.models.backbone import DTYPES, fan_in_init_, seeded
+from stitchvm.config import RewardSpec
+from stitchvm.models.presets import REWARD_PRESETS, is_preset, lookup
+from stitchvm.models.tokenizers import tiny_clip_tokenizer
+from stitchvm.models.world_source import check_world_source, is_world, world_path
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

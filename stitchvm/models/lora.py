@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, seeded
+from stitchvm.models.backbone import Backbone, seeded
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 TRAINED = "default"
@@ -147,7 +147,7 @@ class LoraPolicy:
     def save(self, path: str | Path, name: str = TRAINED, metadata: dict | None = None) -> Path:
         """Write adapter `name` in peft's format (`adapter_config.json`, `adapter_model.safetensors`) plus
         `stitchvm_adapter.json` (backbone spec, rank, alpha, `metadata`)."""
-        from .config import to_dict
+        from stitchvm.config import to_dict
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,12 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .backbone import Backbone
-from .config import AlignConfig
-from .lora import LoraPolicy
-from .reward import ClipReward
-from .sampling import Conditioning, cfg_velocity, encode, initial_latents, sde_step, timesteps
-from .value_model import StitchedValueModel
+from stitchvm.models.backbone import Backbone
+from stitchvm.config import AlignConfig
+from stitchvm.models.lora import LoraPolicy
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode, initial_latents, sde_step, timesteps
+from stitchvm.value.model import StitchedValueModel
 
 
 def grid(backbone: Backbone, steps: int, latent_size: int | None = None) -> torch.Tensor:

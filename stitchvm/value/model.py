@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import Backbone, build_backbone, seeded
-from .backbone_head import BackboneHead
-from .config import ModelSpec, RewardSpec, from_dict, to_dict
-from .reward import ClipReward, build_reward
-from .stitching import StitchingLayer
+from stitchvm.models.backbone import Backbone, build_backbone, seeded
+from stitchvm.value.head import BackboneHead
+from stitchvm.config import ModelSpec, RewardSpec, from_dict, to_dict
+from stitchvm.models.reward import ClipReward, build_reward
+from stitchvm.value.stitching import StitchingLayer
 
 FORMAT = "stitchvm-value/1"
 TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")

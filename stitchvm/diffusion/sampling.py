@@ -19,7 +19,7 @@ Classifier-free guidance follows the pipeline: `v = v_u + w (v_c - v_u)`, both b
 transformer call with the unconditional half first; w = 1 runs the conditional branch only (the pipeline also
 skips CFG for w < 1, where this module interpolates; for w >= 1 the loop reproduces the pipeline bit for bit).
 
-A `guidance` callable (see `stitchvm.guidance`) owns the velocity at the steps it guides, so that the
+A `guidance` callable (see `stitchvm.guidance.dps`) owns the velocity at the steps it guides, so that the
 reward/value gradient can share the CFG forward pass instead of adding one:
 `guidance(backbone, z, t, conditioning, step) -> Guided(velocity, correction, value)`; the sampler steps with
 `velocity + correction` (correction None: unguided step).
@@ -34,7 +34,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from .backbone import Backbone
+from stitchvm.models.backbone import Backbone
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # (B, L, joint_dim) token states, (B, pooled_dim)
 

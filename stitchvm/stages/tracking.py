@@ -26,7 +26,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec
 
-from .value_model import StitchedValueModel
+from stitchvm.value.model import StitchedValueModel
 
 ARTIFACT_KEY = "value_model"  # the key of the save_pretrained folder in the pyfunc's artifacts
 INPUT_NDIM = {"latents": 4, "t": 1, "prompts": 1}  # what ValueModelPyfunc.predict expects, key -> ndim
@@ -237,7 +237,7 @@ def log_adapter(folder: str | os.PathLike, artifact_path: str = "adapter", regis
     """Log a saved LoRA adapter folder (peft format) as artifacts of the active run under `artifact_path`; register it
     as a version of `registered_name` (source: the logged folder) and point `alias` at it. Returns the ModelVersion
     (None when `registered_name` is None). The adapter is not a pyfunc: consumers download the folder
-    (`mlflow.artifacts.download_artifacts(version.source)`) and load it with `stitchvm.lora.LoraPolicy.load`.
+    (`mlflow.artifacts.download_artifacts(version.source)`) and load it with `stitchvm.models.lora.LoraPolicy.load`.
     """
     run = mlflow.active_run()
     if run is None:

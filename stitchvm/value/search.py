@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .backbone_head import BackboneHead
-from .reward import ClipReward
-from .stitching import map_to_tokens, resample, tokens_to_map
-from .value_model import StitchedValueModel
+from stitchvm.models.backbone import Backbone
+from stitchvm.value.head import BackboneHead
+from stitchvm.models.reward import ClipReward
+from stitchvm.value.stitching import map_to_tokens, resample, tokens_to_map
+from stitchvm.value.model import StitchedValueModel
 
 
 class NormalEquations:

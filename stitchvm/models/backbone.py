@@ -16,11 +16,11 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
-from .config import ModelSpec
-from .presets import BACKBONE_PRESETS, is_preset, lookup
-from .tokenizer import tiny_clip_tokenizer
-from .world.attention import ABSENT_T5_TOKENS, collapse_attention_
-from .world.pretrained import check_world_source, is_world, world_path
+from stitchvm.config import ModelSpec
+from stitchvm.models.presets import BACKBONE_PRESETS, is_preset, lookup
+from stitchvm.models.tokenizers import tiny_clip_tokenizer
+from stitchvm.models.collapsed_attention import ABSENT_T5_TOKENS, collapse_attention_
+from stitchvm.models.world_source import check_world_source, is_world, world_path
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -184,7 +184,7 @@ def quiet_transformers():
 
 
 def _load_world(spec: ModelSpec, device) -> Backbone:
-    """`world:sd3`: the shipped world's parts (stitchvm/world/pretrained.py); both text encoders are the world
+    """`world:sd3`: the shipped world's parts (stitchvm/models/world_source.py); both text encoders are the world
     CLIP's text tower, as SD3 conditions on two CLIP text towers. Its joint attentions are collapsed
     (stitchvm/world/attention.py): the same function as with 256 zero T5 tokens, at 1/12 of the cost."""
     check_world_source(spec.source)

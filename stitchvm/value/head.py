@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import Backbone
+from stitchvm.models.backbone import Backbone
 
 CONTEXTS = ("empty", "prompt")
 Embeds = tuple[torch.Tensor, torch.Tensor]  # (B, L, joint_dim) prompt token states, (B, pooled_dim) pooled

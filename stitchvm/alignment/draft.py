@@ -1,7 +1,7 @@
 """DRaFT-K and DRaFT + StitchVM: reward fine-tuning by backpropagating through the last steps of the sampler.
 
 Per update, `prompts_per_update` × `group_size` rollouts of the trained policy (adapter "default", CFG
-`guidance_scale`, DDIM-η steps of `stitchvm.sampling`):
+`guidance_scale`, DDIM-η steps of `stitchvm.diffusion.sampling`):
 - `draft` (DRaFT-K): all `steps` steps; steps 0..steps-K-1 without autograd, the last K with autograd; objective
   the terminal reward R = r(D(z0), prompt) (decoder and teacher differentiable).
 - `draft-stitchvm`: the rollout stops after τ steps (τ uniform in the scaled window, one τ per update); the K
@@ -21,20 +21,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
+from stitchvm.alignment.trainer import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
                         reward_of, rollout, slice_conditioning, stopping_step)
-from .config import AlignConfig
-from .lora import TRAINED, LoraPolicy
-from .reward import ClipReward
-from .sampling import cfg_velocity, encode
-from .value_model import StitchedValueModel
+from stitchvm.config import AlignConfig
+from stitchvm.models.lora import TRAINED, LoraPolicy
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import cfg_velocity, encode
+from stitchvm.value.model import StitchedValueModel
 
 
 def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
                 value_model: StitchedValueModel | None = None, evalset: EvalSet | None = None,
                 callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
     """DRaFT (`cfg.method` "draft" or "draft-stitchvm") for `cfg.updates` updates; returns the history (rows as
-    `stitchvm.nft.train_nft`'s: step 0 = base evaluation, then loss, reward, τ, phase seconds, wall_s, eval_reward)."""
+    `stitchvm.alignment.nft.train_nft`'s: step 0 = base evaluation, then loss, reward, τ, phase seconds, wall_s, eval_reward)."""
     method = cfg.method
     if method not in ("draft", "draft-stitchvm"):
         raise ValueError(f"train_draft runs 'draft' or 'draft-stitchvm', got method {method!r}")

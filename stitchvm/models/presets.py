@@ -2,7 +2,7 @@
 
 Each preset is a dict of constructor arguments for the same diffusers/transformers classes the real models use.
 """
-from .tokenizer import byte_level_vocab
+from stitchvm.models.tokenizers import byte_level_vocab
 
 _VOCAB = byte_level_vocab()
 _TINY_TEXT = dict(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import true_reward
-from .backbone import Backbone
-from .reward import ClipReward
-from .sampling import check_eta, check_prompts, check_steps, sample
+from stitchvm.alignment.trainer import true_reward
+from stitchvm.models.backbone import Backbone
+from stitchvm.models.reward import ClipReward
+from stitchvm.diffusion.sampling import check_eta, check_prompts, check_steps, sample
 
 
 def check_rollouts(rollouts) -> int:
