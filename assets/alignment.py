@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dagster import MaterializeResult, MetadataValue, asset
 
-from stitchvm.stages import GRAPH, stage
+from stitchvm.stages import GRAPH
 
 from assets.metadata import md_table, png_md, stage_doc as doc
 from assets.resources import MlflowResource, StitchVMResource
@@ -16,8 +16,7 @@ ROW_COLUMNS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward
 
 @asset(group_name=GROUP, deps=list(GRAPH["guidance"]), pool="gpu", description=doc("guidance"))
 def guidance(stitchvm: StitchVMResource) -> MaterializeResult:
-    params = stitchvm.params()
-    summary = stage("guidance").run(params, stitchvm.paths(params), progress=False)
+    summary = stitchvm.run_stage("guidance").summary
     metadata = {
         "rows": md_table(summary["rows"], ROW_COLUMNS),
         "reward_gain": MetadataValue.json(summary.get("reward_gain", {})),
@@ -33,8 +32,7 @@ def guidance(stitchvm: StitchVMResource) -> MaterializeResult:
 
 @asset(group_name=GROUP, deps=list(GRAPH["align"]), pool="gpu", description=doc("align"))
 def align(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
-    params = stitchvm.params()
-    summary = stage("align").run(params, stitchvm.paths(params), progress=False)
+    summary = stitchvm.run_stage("align").summary
     metadata = {
         **{k: summary[k] for k in ("updates", "steps", "batch", "reward_before", "reward_after", "reward_gain",
                                    "train_seconds", "sec_per_update", "sampling_s", "reward_s", "update_s")},

@@ -5,7 +5,7 @@ import torch
 from dagster import AssetCheckResult, MaterializeResult, MetadataValue, asset, asset_check
 from safetensors.torch import load as load_safetensors
 
-from stitchvm.stages import GRAPH, stage
+from stitchvm.stages import GRAPH
 from stitchvm.stages.upstream import EVAL, LABELS, PROBE, SAMPLES, num_shards, read_prompts
 from stitchvm.data.storage import read_index, sha256, shard_digests, shard_name, verify_shards
 
@@ -17,9 +17,7 @@ GROUP = "data"
 
 @asset(group_name=GROUP, deps=list(GRAPH["prompts"]), description=doc("prompts"))
 def prompts(stitchvm: StitchVMResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage("prompts").run(params, paths, progress=False)
+    _, paths, summary = stitchvm.run_stage("prompts")
     table = read_prompts(paths.storage())
     return MaterializeResult(metadata={
         "dagster/row_count": summary["rows"],
@@ -31,9 +29,7 @@ def prompts(stitchvm: StitchVMResource) -> MaterializeResult:
 
 def run_sharded(stitchvm: StitchVMResource, name: str, shapes_key: str, extra: dict) -> MaterializeResult:
     """Run a sharded stage (all shards; complete ones are skipped) and report per-shard metadata."""
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage(name).run(params, paths, progress=False)
+    params, paths, summary = stitchvm.run_stage(name)
     index = read_index(paths.storage(), name, expected_shards=summary["shards"])
     return MaterializeResult(metadata={
         **shard_metadata(summary["path"], index, summary, params.storage.shard_size),
@@ -59,9 +55,7 @@ def labels(stitchvm: StitchVMResource) -> MaterializeResult:
 
 @asset(group_name=GROUP, deps=list(GRAPH["noisy"]), description=doc("noisy"))
 def noisy(stitchvm: StitchVMResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage("noisy").run(params, paths, progress=False)
+    _, paths, summary = stitchvm.run_stage("noisy")
     storage = paths.storage()
     return MaterializeResult(metadata={
         "dagster/row_count": summary["probe"] + summary["eval"],

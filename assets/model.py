@@ -5,7 +5,7 @@ import json
 
 from dagster import AssetCheckResult, AssetCheckSeverity, MaterializeResult, MetadataValue, asset, asset_check
 
-from stitchvm.stages import GRAPH, stage
+from stitchvm.stages import GRAPH
 from stitchvm.stages.upstream import SEARCH
 
 from assets.metadata import md_table, png_md, stage_doc as doc
@@ -18,9 +18,7 @@ EVAL_COLUMNS = ("sigma", "method", "spearman", "spearman_within_prompt", "spearm
 
 @asset(group_name=GROUP, deps=list(GRAPH["search"]), pool="gpu", description=doc("search"))
 def search(stitchvm: StitchVMResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage("search").run(params, paths, progress=False)
+    _, paths, summary = stitchvm.run_stage("search")
     table = sorted(summary["table"], key=lambda r: r["error"])
     return MaterializeResult(metadata={
         "pair": MetadataValue.json(summary["pair"]),
@@ -34,9 +32,7 @@ def search(stitchvm: StitchVMResource) -> MaterializeResult:
 
 @asset(group_name=GROUP, deps=list(GRAPH["train"]), pool="gpu", description=doc("train"))
 def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    summary = stage("train").run(params, paths, progress=False)
+    params, paths, summary = stitchvm.run_stage("train")
     run_id, version = summary.get("run_id"), summary.get("model_version")
     name = params.mlflow.registered_model
     metadata = {
@@ -60,9 +56,7 @@ def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResu
 
 @asset(group_name=GROUP, deps=list(GRAPH["evaluate"]), pool="gpu", description=doc("evaluate"))
 def evaluate(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
-    params = stitchvm.params()
-    paths = stitchvm.paths(params)
-    report = stage("evaluate").run(params, paths, progress=False)
+    params, paths, report = stitchvm.run_stage("evaluate")
     gate, tracked = report["gate"], report.get("mlflow", {})
     (row,) = [r for r in report["eval"] if r["method"] == "stitchvm" and r["sigma"] == gate["sigma"]]
     metadata = {

@@ -1,30 +1,40 @@
 """Dagster resources the assets take: where the params and local outputs are, and where MLflow tracks.
 
-The instances are bound in `pipelines` (Definitions); the classes live here because the assets name them as
-parameter types.
+The classes read nothing from the environment: their instances are configured in `pipelines` (Definitions), where
+the environment comes in through `dagster.EnvVar`. The classes live here because the assets name them as parameter
+types.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from dagster import ConfigurableResource, InitResourceContext
 
 from stitchvm.config import Params, load_params
+from stitchvm.stages import stage
 from stitchvm.stages.runtime import Paths
+
+
+class StageRun(NamedTuple):
+    """What an asset gets back from running its stage: the params and paths it ran on, and the stage's summary."""
+
+    params: Params
+    paths: Paths
+    summary: dict
 
 
 class StitchVMResource(ConfigurableResource):
     """The params file (the single source of truth, shared with DVC and the CLI) and the local output folders.
 
-    Defaults come from the environment (STITCHVM_PARAMS, STITCHVM_REPORTS, STITCHVM_CHECKPOINTS) when it is set,
-    so `dagster dev` / `dagster asset materialize` can be pointed at another params file without editing code.
     Relative paths resolve against the working directory of the process (the repository root for `dagster dev`).
+    `pipelines` binds these fields to STITCHVM_PARAMS / STITCHVM_REPORTS / STITCHVM_CHECKPOINTS where they are set.
     """
 
-    params_path: str = os.environ.get("STITCHVM_PARAMS", "params.yaml")
-    reports_dir: str = os.environ.get("STITCHVM_REPORTS", "reports")
-    checkpoints_dir: str = os.environ.get("STITCHVM_CHECKPOINTS", "checkpoints")
+    params_path: str = "params.yaml"
+    reports_dir: str = "reports"
+    checkpoints_dir: str = "checkpoints"
 
     def params(self) -> Params:
         return load_params(self.params_path)
@@ -33,13 +43,20 @@ class StitchVMResource(ConfigurableResource):
         return Paths.from_params(params or self.params(), reports=Path(self.reports_dir),
                                  checkpoints=Path(self.checkpoints_dir))
 
+    def run_stage(self, name: str, **kwargs) -> StageRun:
+        """Run the library stage `name` (`stitchvm.stages.<name>.run`, no progress bars) on the params file; it reads
+        and writes the storage root itself. `kwargs` go to the stage's `run` (e.g. `shards=`)."""
+        params = self.params()
+        paths = self.paths(params)
+        return StageRun(params, paths, stage(name).run(params, paths, progress=False, **kwargs))
+
 
 class MlflowResource(ConfigurableResource):
     """Where the stages' MLflow tracking goes; the stages do the logging themselves (stitchvm.stages.tracking).
 
     `tracking_uri`, when set, is exported as MLFLOW_TRACKING_URI before any asset of the run executes (an explicit
-    `mlflow.tracking_uri` in params still wins). `ui_url` (default: env MLFLOW_UI_URL) makes run and model-version
-    links clickable in the asset metadata.
+    `mlflow.tracking_uri` in params still wins). `ui_url` makes run and model-version links clickable in the asset
+    metadata (`pipelines` binds both to MLFLOW_TRACKING_URI / MLFLOW_UI_URL where they are set).
     """
 
     tracking_uri: str | None = None
@@ -50,8 +67,7 @@ class MlflowResource(ConfigurableResource):
             os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
 
     def _ui(self) -> str | None:
-        url = self.ui_url or os.environ.get("MLFLOW_UI_URL")
-        return url.rstrip("/") if url else None
+        return self.ui_url.rstrip("/") if self.ui_url else None
 
     def run_url(self, run_id: str, tracking_uri: str | None = None) -> str | None:
         """Link to a run in the MLflow UI (None without a UI address)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dagster import AssetsDefinition, MaterializeResult, MetadataValue, asset
 
-from stitchvm.stages import BOOTSTRAP, GRAPH, stage
+from stitchvm.stages import BOOTSTRAP, GRAPH
 
 from assets.metadata import png_md, stage_doc as doc
 from assets.resources import StitchVMResource
@@ -37,9 +37,7 @@ def summary_metadata(summary: dict) -> dict:
 def bootstrap_asset(name: str) -> AssetsDefinition:
     @asset(name=name, group_name=GROUP, deps=list(GRAPH[name]), description=doc(name))
     def _asset(stitchvm: StitchVMResource) -> MaterializeResult:
-        params = stitchvm.params()
-        summary = stage(name).run(params, stitchvm.paths(params), progress=False)
-        return MaterializeResult(metadata=summary_metadata(summary))
+        return MaterializeResult(metadata=summary_metadata(stitchvm.run_stage(name).summary))
 
     return _asset
 

@@ -1,9 +1,13 @@
-"""`python -m stitchvm <command>`: one pipeline stage, the end-to-end smoke run, or a benchmark."""
+"""`python -m stitchvm <command>`: one pipeline stage, the end-to-end smoke run, a benchmark, or the summary of the
+pipeline's reports."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
+from pathlib import Path
 
 from stitchvm.config import ConfigError, load_params
 from stitchvm.stages import GRAPH, PARTITIONED, stage
@@ -18,15 +22,22 @@ def _shards(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stitchvm", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--params", default=None,
+                        help="params file (default: params.yaml; for `smoke`: profiles/smoke.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in GRAPH:
         p = sub.add_parser(name, help=f"run the `{name}` stage")
         if name in PARTITIONED:
             p.add_argument("--shards", type=_shards, default=None, help="only these shards (default: all)")
-    smoke = sub.add_parser("smoke", help="every stage in-process on a temporary root; prints and writes a report")
+    smoke = sub.add_parser("smoke", help="every stage but the world bootstrap in-process on a temporary root, on "
+                                         "profiles/smoke.yaml unless --params; prints and writes a report")
     smoke.add_argument("--out", default="reports/smoke.json", help="where to write the JSON report")
+    smoke.add_argument("--threads", type=int, default=1,
+                       help="torch CPU threads (default 1: the smoke's models are tiny; 0: torch's default)")
+    summary = sub.add_parser("summary", help="the pipeline's results in short: the evaluation table (eval.json), "
+                                             "guidance and alignment when run, and where the outputs are")
+    summary.add_argument("--reports", default="reports", help="the reports folder (default: reports)")
     bench = sub.add_parser("bench", help="a benchmark on a profile: prints a table and writes JSON")
     bench.add_argument("name", choices=("guidance", "align"), help="what to benchmark")
     bench.add_argument("--profile", default="default",
@@ -42,15 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     if args.command == "bench":
         return _bench(args, progress)
+    if args.params is None:
+        from stitchvm.smoke import PROFILE
+        args.params = PROFILE if args.command == "smoke" else "params.yaml"
     try:
         params = load_params(args.params)
     except ConfigError as e:
         print(f"stitchvm: {e}", file=sys.stderr)
         return 2
+    if args.command == "summary":
+        return _summary(Path(args.reports), params, args.params)
     try:
         if args.command == "smoke":
             from stitchvm.smoke import run
-            run(params, args.out, progress=progress)
+            run(params, args.out, progress=progress, threads=args.threads)
             return 0
         from stitchvm.stages.runtime import Paths
         kwargs = {"shards": args.shards} if args.command in PARTITIONED else {}
@@ -83,6 +99,76 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"stitchvm bench {args.name}: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _summary(reports: Path, params, params_file: str) -> int:
+    """Print the evaluation table, guidance and alignment results (where their reports exist) and the outputs."""
+    from stitchvm.stages.tables import EVAL_COLUMNS, GUIDANCE_COLUMNS, format_cell, format_table
+
+    def load(name: str) -> dict | None:
+        path = reports / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+    try:
+        ev, guidance, align = load("eval.json"), load("guidance.json"), load("align.json")
+    except ValueError as e:
+        print(f"stitchvm summary: {e}", file=sys.stderr)
+        return 1
+    if ev is None:
+        print(f"stitchvm summary: no {reports / 'eval.json'}: run the pipeline first (dvc repro)", file=sys.stderr)
+        return 1
+    lines = [f"== stitchvm: {params.backbone.source} / {params.reward.source} ({params_file}) =="]
+    pair = (guidance or {}).get("value_model")
+    head = "evaluation (eval.json)"
+    if pair and "i" in pair and "j" in pair:
+        head += f": value model stitched at (i, j) = ({pair['i']}, {pair['j']})"
+    lines.append(head)
+    extra = [f"{label} {format_cell(ev[key])}" for key, label in (("trivial_loss", "trivial-predictor loss"),
+                                                                    ("teacher_recall_at_1", "teacher recall@1"))
+             if ev.get(key) is not None]
+    if ev.get("monte_carlo"):
+        mc = ev["monte_carlo"]
+        extra.append(f"Monte Carlo value: {mc.get('rollouts')} rollouts at sigma "
+                     f"{', '.join(format_cell(s) for s in mc.get('sigmas', []))}")
+    if extra:
+        lines.append("  " + "; ".join(extra))
+    lines.append(format_table(ev.get("eval", []), EVAL_COLUMNS))
+    if ev.get("gate"):
+        gate = ev["gate"]
+        checks = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in gate.get("checks", {}).items())
+        verdict = "passed" if gate.get("passed") else "not passed"
+        lines.append(f"gate at sigma {format_cell(gate.get('sigma'))}: {verdict}" + (f" ({checks})" if checks else ""))
+    if guidance is not None:
+        lines += ["", "guidance (guidance.json): true reward of each sampler, same prompts and seeds",
+                  format_table(guidance.get("rows", []), GUIDANCE_COLUMNS)]
+    if align is not None:
+        lines += ["", f"align (align.json): {align.get('method')}, {align.get('updates')} updates, "
+                      f"{format_cell(align.get('sec_per_update'))} s/update",
+                  f"  true reward {format_cell(align.get('reward_before'))} -> {format_cell(align.get('reward_after'))}"
+                  f" (gain {format_cell(align.get('reward_gain'))})"]
+    root = params.storage.root.rstrip("/")
+    registered = params.mlflow.registered_model
+    # as stitchvm.stages.tracking.tracking_uri (not imported: it imports MLflow)
+    uri = params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    outputs = [(f"{reports}/", ", ".join(sorted(p.name for p in reports.iterdir() if p.is_file()))),
+               (f"{root}/value_model", "the trained value model (StitchedValueModel.from_pretrained)")]
+    if align is not None:
+        outputs.append((f"{root}/adapter", "the LoRA adapter of `align` (peft format)"))
+    outputs.append((uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri,
+                    f"MLflow runs and registry: model `{registered}` (alias `champion` once the gate passes)"
+                    + (f", adapter `{registered}-adapter`" if align is not None else "")
+                    + (f"; browse: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else "")))
+    width = max(len(where) for where, _ in outputs)
+    lines += ["", "outputs:"] + [textwrap.fill(what, 118, initial_indent=f"  {where.ljust(width)}  ",
+                                               subsequent_indent=" " * (width + 4), break_on_hyphens=False)
+                                 for where, what in outputs]
+    print("\n".join(lines))
     return 0
 
 

@@ -208,29 +208,20 @@ class MlflowConfig:
 ALIGN_METHODS = ("nft", "nft-stitchvm", "draft", "draft-stitchvm")
 
 
+def _check_window(name: str, window: tuple[int, int], of_name: str, of: int) -> None:
+    """A stopping window [lo, hi] in steps of an `of`-step schedule (scaled to the sampler's steps at run time)."""
+    _check(len(window) == 2 and 1 <= window[0] <= window[1] < of,
+           f"{name} {list(window)} must be [lo, hi] with 1 <= lo <= hi < {of_name} ({of})")
+
+
 @dataclass(frozen=True)
-class AlignConfig:
-    """Training-time alignment (stage `align`, stitchvm/nft.py and stitchvm/draft.py): a LoRA adapter on the MMDiT.
+class NftConfig:
+    """DiffusionNFT (`align.nft`, methods `nft` and `nft-stitchvm`; stitchvm/alignment/nft.py); defaults follow
+    NVlabs/DiffusionNFT. AdamW `lr` / `weight_decay`; `beta` the implicit-policy mixing, `adv_clip` the advantage clip
+    c, `kl_weight` the KL to the base model; `train_times` grid times drawn per update (0: all); the data-collection
+    policy's decay min(`old_rate` · k, `old_max`), the evaluation EMA's cap `ema_max`, evaluated when `eval_ema`;
+    `tau_window` (of a `tau_of`-step schedule): where `nft-stitchvm` stops."""
 
-    `method`: `nft` (DiffusionNFT on terminal rewards), `nft-stitchvm` (rollouts stop at τ, V(z_τ) as reward, bridge
-    regression anchored at z_τ), `draft` (DRaFT-K: the terminal reward backpropagated through the last K steps),
-    `draft-stitchvm` (stop at τ, maximise V(z_τ) through the K steps before τ). One update = one optimiser step on
-    `prompts_per_update` prompts × `group_size` rollouts of `steps` steps. Stopping windows are given in steps of a
-    `*_tau_of`-step schedule and scaled to `steps`. NFT defaults follow NVlabs/DiffusionNFT, DRaFT defaults the paper.
-    Evaluation: the true reward of fully denoised samples for `eval_prompts` held-out prompts × `eval_seeds`
-    (`eval_steps` 0: `steps`), every `eval_every` updates (NFT evaluates its EMA weights when `eval_ema`).
-    """
-
-    method: str = "nft"
-    updates: int = 100
-    prompts_per_update: int = 4
-    group_size: int = 4
-    steps: int = 10
-    guidance_scale: float = 1.0
-    eta: float = 0.0
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    grad_clip: float = 1.0
     lr: float = 3e-4
     weight_decay: float = 1e-4
     beta: float = 1.0
@@ -243,12 +234,62 @@ class AlignConfig:
     eval_ema: bool = True
     tau_window: tuple[int, int] = (12, 17)
     tau_of: int = 25
-    draft_k: int = 1
-    draft_lr: float = 5e-5
-    draft_weight_decay: float = 0.0
+
+    def __post_init__(self):
+        for name in ("lr", "beta", "adv_clip"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "kl_weight", "old_rate", "train_times"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(0.0 <= self.old_max <= 1.0, f"old_max must lie in [0, 1], got {self.old_max}")
+        _check(0.0 <= self.ema_max <= 1.0, f"ema_max must lie in [0, 1], got {self.ema_max}")
+        _check_window("tau_window", self.tau_window, "tau_of", self.tau_of)
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """DRaFT (`align.draft`, methods `draft` and `draft-stitchvm`; stitchvm/alignment/draft.py); defaults follow the
+    paper. `k`: the last K sampler steps (before τ) carry autograd; AdamW `lr` / `weight_decay`; `reg_weight`: the
+    output regulariser's weight; `tau_window` (of a `tau_of`-step schedule): where `draft-stitchvm` stops."""
+
+    k: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
     reg_weight: float = 0.01
-    draft_tau_window: tuple[int, int] = (3, 7)
-    draft_tau_of: int = 10
+    tau_window: tuple[int, int] = (3, 7)
+    tau_of: int = 10
+
+    def __post_init__(self):
+        _check(self.k >= 1, f"k must be >= 1, got {self.k}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "reg_weight"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_window("tau_window", self.tau_window, "tau_of", self.tau_of)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Training-time alignment (stage `align`, stitchvm/alignment/nft.py and draft.py): a LoRA adapter on the MMDiT.
+
+    `method`: `nft` (DiffusionNFT on terminal rewards), `nft-stitchvm` (rollouts stop at τ, V(z_τ) as reward, bridge
+    regression anchored at z_τ), `draft` (DRaFT-K: the terminal reward backpropagated through the last K steps),
+    `draft-stitchvm` (stop at τ, maximise V(z_τ) through the K steps before τ). One update = one optimiser step on
+    `prompts_per_update` prompts × `group_size` rollouts of `steps` steps. The method's own keys sit in `nft`
+    (NftConfig) and `draft` (DraftConfig); stopping windows are given in steps of a `tau_of`-step schedule and
+    scaled to `steps`. Evaluation: the true reward of fully denoised samples for `eval_prompts` held-out prompts ×
+    `eval_seeds` (`eval_steps` 0: `steps`), every `eval_every` updates (NFT evaluates its EMA weights when
+    `nft.eval_ema`).
+    """
+
+    method: str = "nft"
+    updates: int = 100
+    prompts_per_update: int = 4
+    group_size: int = 4
+    steps: int = 10
+    guidance_scale: float = 1.0
+    eta: float = 0.0
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    grad_clip: float = 1.0
     checkpointing: bool = False
     eval_prompts: int = 4
     eval_seeds: tuple[int, ...] = (0, 1)
@@ -256,11 +297,13 @@ class AlignConfig:
     eval_steps: int = 0
     eval_guidance_scale: float = 1.0
     batch_size: int = 16
+    nft: NftConfig = field(default_factory=NftConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
 
     def __post_init__(self):
         _check(self.method in ALIGN_METHODS, f"method {self.method!r} is not one of {', '.join(ALIGN_METHODS)}")
-        for name in ("updates", "prompts_per_update", "group_size", "lora_rank", "draft_k", "eval_prompts",
-                     "eval_every", "batch_size"):
+        for name in ("updates", "prompts_per_update", "group_size", "lora_rank", "eval_prompts", "eval_every",
+                     "batch_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.steps >= 2, f"steps must be >= 2, got {self.steps}")
         _check(self.method not in ("nft", "nft-stitchvm") or self.group_size >= 2,
@@ -268,19 +311,11 @@ class AlignConfig:
                f"got {self.group_size}")
         _check(self.guidance_scale >= 0 and self.eval_guidance_scale >= 0, "guidance scales must be >= 0")
         _check(0.0 <= self.eta <= 1.0, f"eta must lie in [0, 1], got {self.eta}")
-        for name in ("lora_alpha", "grad_clip", "lr", "draft_lr", "beta", "adv_clip"):
+        for name in ("lora_alpha", "grad_clip"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "draft_weight_decay", "kl_weight", "reg_weight", "old_rate", "train_times",
-                     "eval_steps"):
-            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _check(0.0 <= self.old_max <= 1.0, f"old_max must lie in [0, 1], got {self.old_max}")
-        _check(0.0 <= self.ema_max <= 1.0, f"ema_max must lie in [0, 1], got {self.ema_max}")
-        for name, of in (("tau_window", "tau_of"), ("draft_tau_window", "draft_tau_of")):
-            w, n = getattr(self, name), getattr(self, of)
-            _check(len(w) == 2 and 1 <= w[0] <= w[1] < n,
-                   f"{name} {list(w)} must be [lo, hi] with 1 <= lo <= hi < {of} ({n})")
-        _check(self.method != "draft" or self.draft_k <= self.steps,
-               f"draft_k ({self.draft_k}) must be <= steps ({self.steps})")
+        _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
+        _check(self.method != "draft" or self.draft.k <= self.steps,
+               f"draft.k ({self.draft.k}) must be <= steps ({self.steps})")
         _check(len(self.eval_seeds) >= 1, "eval_seeds needs at least one seed")
 
 

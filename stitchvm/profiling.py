@@ -6,6 +6,8 @@ high-water mark (VmHWM) after trimming the heap and resetting the mark through /
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +30,21 @@ def _reset_cpu_peak() -> int | None:
         return _proc_status_kb("VmRSS")
     except OSError:
         return None
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so wall time measures it; a no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device | str) -> str:
+    """What a benchmark row ran on: the GPU's name, or the CPU's with its core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 class PeakMemory:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from stitchvm.alignment.trainer import EvalSet, evaluate, scaled_window
+from stitchvm.alignment.trainer import PolicyEvalSet, evaluate_policy, scaled_window
 from stitchvm.config import AlignConfig, ConfigError, Params, from_dict
 from stitchvm.alignment.draft import train_draft
 from stitchvm.models.lora import TRAINED, LoraPolicy
@@ -21,8 +21,8 @@ from conftest import latents
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 # the smallest run that exercises every code path: 1 prompt group of 2, 3 sampler steps, one regression time
-TINY = dict(updates=1, prompts_per_update=1, group_size=2, steps=3, lora_rank=2, lora_alpha=4.0, train_times=1,
-            lr=1e-2, draft_lr=1e-2, draft_k=1, batch_size=8)
+TINY = dict(updates=1, prompts_per_update=1, group_size=2, steps=3, lora_rank=2, lora_alpha=4.0, batch_size=8,
+            nft=dict(train_times=1, lr=1e-2), draft=dict(lr=1e-2, k=1))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,8 +40,10 @@ def value_model(backbone, reward):
     return StitchedValueModel(backbone, reward, 2, 2).eval()
 
 
-def cfg(method, **kw):
-    return AlignConfig(method=method, **{**TINY, **kw})
+def cfg(method, nft=(), draft=(), **kw):
+    """TINY with `kw` replacing shared keys and `nft` / `draft` merged into the method sections."""
+    return from_dict(AlignConfig, {**TINY, "method": method, **kw, "nft": {**TINY["nft"], **dict(nft)},
+                                   "draft": {**TINY["draft"], **dict(draft)}})
 
 
 # ---- formulas --------------------------------------------------------------------------------------------------
@@ -75,6 +77,37 @@ def test_nft_loss_equals_a_float64_evaluation_of_its_formula():
     err_p = z_t.double() - t.double().view(-1, 1, 1, 1) * (beta * vd + (1 - beta) * v_old.double()) - x0.double()
     w = err_p.abs().mean((1, 2, 3), keepdim=True).detach()
     assert grad.abs().sum() > 0 and torch.isfinite(grad).all() and w.min() > 0
+    # the claim itself, (1): the closed-form gradient with w± held fixed, written out in numpy float64 per sample:
+    # ∂L/∂v_k = 2 c t_k / (B N β) · (r_k e⁺_k (-β) / w⁺_k + (1 - r_k) e⁻_k β / w⁻_k) + 2 λ_KL / (B N) (v_k - v_ref,k)
+    m = v[0].numel()
+    closed = np.empty(shape)
+    for k in range(b):
+        tk, rk = float(t[k]), float(r[k])
+        e_p = n(z_t)[k] - tk * (beta * n(v)[k] + (1 - beta) * n(v_old)[k]) - n(x0)[k]
+        e_n = n(z_t)[k] - tk * ((1 + beta) * n(v_old)[k] - beta * n(v)[k]) - n(x0)[k]
+        w_p, w_n = np.mean(np.abs(e_p)), np.mean(np.abs(e_n))
+        closed[k] = (2 * c * tk / (b * m * beta) * (-beta * rk * e_p / w_p + beta * (1 - rk) * e_n / w_n)
+                     + 2 * kl_w / (b * m) * (n(v)[k] - n(v_ref)[k]))
+    np.testing.assert_allclose(grad.numpy(), closed, rtol=1e-10, atol=1e-14)
+    assert np.allclose(w.flatten().numpy(), [np.mean(np.abs(n(z_t)[k] - float(t[k]) * (
+        beta * n(v)[k] + (1 - beta) * n(v_old)[k]) - n(x0)[k])) for k in range(b)], rtol=1e-12)
+    # (2): autograd of the loss written out again with the normaliser explicitly detached gives the same gradient;
+    # left differentiable, a different one (the stop-gradient is not a no-op)
+    def written(v64, stop):
+        tb, rd = t.double().view(-1, 1, 1, 1), r.double()
+        terms = []
+        for vv in (beta * v64 + (1 - beta) * v_old.double(), (1 + beta) * v_old.double() - beta * v64):
+            e = z_t.double() - tb * vv - x0.double()
+            norm = e.abs().mean((1, 2, 3), keepdim=True)
+            terms.append((e ** 2 / (norm.detach() if stop else norm)).mean((1, 2, 3)))
+        kl64 = ((v64 - v_ref.double()) ** 2).mean((1, 2, 3)).mean()
+        return c * ((rd * terms[0] + (1 - rd) * terms[1]) / beta).mean() + kl_w * kl64
+
+    v_stop, v_live = v.double().requires_grad_(True), v.double().requires_grad_(True)
+    (g_stop,) = torch.autograd.grad(written(v_stop, True), v_stop)
+    (g_live,) = torch.autograd.grad(written(v_live, False), v_live)
+    torch.testing.assert_close(grad, g_stop, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(grad, g_live, rtol=1e-3, atol=1e-6)
 
 
 def test_bridge_reduces_to_flow_matching_at_tau_zero_and_is_the_time_derivative():
@@ -220,7 +253,7 @@ def test_nft_changes_the_adapter_and_is_deterministic(backbone, reward):
 
 def test_nft_stitchvm_stops_early_and_trains_on_the_bridge(backbone, reward, value_model):
     policy = LoraPolicy(backbone, 2, 4, adapters=NFT_ADAPTERS)
-    history = train_nft(policy, reward, PROMPTS, cfg("nft-stitchvm", updates=2, train_times=0), seed=1,
+    history = train_nft(policy, reward, PROMPTS, cfg("nft-stitchvm", updates=2, nft={"train_times": 0}), seed=1,
                         value_model=value_model)
     assert _lora_b(policy).abs().max() > 0
     for row in history[1:]:
@@ -231,7 +264,7 @@ def test_nft_stitchvm_stops_early_and_trains_on_the_bridge(backbone, reward, val
 
 @pytest.mark.parametrize("method", ["draft", "draft-stitchvm"])
 def test_draft_changes_the_adapter_and_is_deterministic(backbone, reward, value_model, method):
-    evalset = EvalSet(tuple(PROMPTS[:1]), (0,), 2)
+    evalset = PolicyEvalSet(tuple(PROMPTS[:1]), (0,), 2)
     outs = []
     for _ in range(2 if method == "draft" else 1):
         policy = LoraPolicy(backbone, 2, 4)
@@ -249,11 +282,11 @@ def test_draft_changes_the_adapter_and_is_deterministic(backbone, reward, value_
 
 
 def test_evaluation_is_fixed_by_prompts_and_seeds(backbone, reward):
-    evalset = EvalSet(tuple(PROMPTS[:2]), (0, 1), 2)
-    m1, r1, z1 = evaluate(backbone, reward, evalset)
-    m2, r2, z2 = evaluate(backbone, reward, evalset, batch_size=3)
+    evalset = PolicyEvalSet(tuple(PROMPTS[:2]), (0, 1), 2)
+    m1, r1, z1 = evaluate_policy(backbone, reward, evalset)
+    m2, r2, z2 = evaluate_policy(backbone, reward, evalset, batch_size=3)
     assert z1.shape[0] == 4 and torch.allclose(z1, z2, atol=1e-6) and m1 == pytest.approx(m2, rel=1e-5)
-    assert torch.allclose(z1[0], evaluate(backbone, reward, EvalSet(tuple(PROMPTS[:1]), (0,), 2))[2][0], atol=1e-5)
+    assert torch.allclose(z1[0], evaluate_policy(backbone, reward, PolicyEvalSet(tuple(PROMPTS[:1]), (0,), 2))[2][0], atol=1e-5)
 
 
 # ---- config ----------------------------------------------------------------------------------------------------
@@ -262,12 +295,19 @@ def test_evaluation_is_fixed_by_prompts_and_seeds(backbone, reward):
     ({"updates": 0}, r"align: updates must be >= 1, got 0"),
     ({"group_size": 1}, r"align: group_size must be >= 2 for DiffusionNFT"),
     ({"steps": 1}, r"align: steps must be >= 2"),
-    ({"beta": 0}, r"align: beta must be > 0"),
-    ({"lr": -1e-4}, r"align: lr must be > 0"),
-    ({"old_max": 1.5}, r"align: old_max must lie in \[0, 1\]"),
-    ({"tau_window": [17, 12]}, r"align: tau_window \[17, 12\] must be \[lo, hi\] with 1 <= lo <= hi < tau_of"),
-    ({"draft_tau_window": [3, 10]}, r"align: draft_tau_window .* < draft_tau_of \(10\)"),
-    ({"method": "draft", "draft_k": 11, "steps": 10}, r"align: draft_k \(11\) must be <= steps \(10\)"),
+    ({"nft": {"beta": 0}}, r"align.nft: beta must be > 0"),
+    ({"nft": {"lr": -1e-4}}, r"align.nft: lr must be > 0"),
+    ({"draft": {"lr": 0}}, r"align.draft: lr must be > 0"),
+    ({"nft": {"old_max": 1.5}}, r"align.nft: old_max must lie in \[0, 1\]"),
+    ({"nft": {"tau_window": [17, 12]}},
+     r"align.nft: tau_window \[17, 12\] must be \[lo, hi\] with 1 <= lo <= hi < tau_of"),
+    ({"draft": {"tau_window": [3, 10]}}, r"align.draft: tau_window .* < tau_of \(10\)"),
+    ({"method": "draft", "draft": {"k": 11}, "steps": 10}, r"align: draft.k \(11\) must be <= steps \(10\)"),
+    ({"draft": {"k": 0}}, r"align.draft: k must be >= 1, got 0"),
+    ({"draft": {"reg_weight": -1.0}}, r"align.draft: reg_weight must be >= 0"),
+    ({"draft": {"k": 1.5}}, r"align.draft.k: expected int, got float"),
+    ({"draft": {"nope": 1}}, r"align.draft.nope: unknown key"),
+    ({"draft_lr": 1e-3}, r"align.draft_lr: unknown key"),
     ({"eval_seeds": []}, r"align: eval_seeds needs at least one seed"),
     ({"lora_rank": "32"}, r"align.lora_rank: expected int, got str"),
     ({"nope": 1}, r"align.nope: unknown key"),
@@ -310,8 +350,8 @@ def test_align_stage_end_to_end(backbone, reward, tmp_path, monkeypatch):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     # the saved adapter reproduces the evaluated reward
     tuned = LoraPolicy.from_pretrained(backbone, adapter)
-    evalset = EvalSet(tuple(summary["eval_prompts"]), tuple(summary["eval_seeds"]), params.align.steps)
-    assert evaluate(tuned.backbone, reward, evalset)[0] == pytest.approx(summary["reward_after"], abs=1e-4)
+    evalset = PolicyEvalSet(tuple(summary["eval_prompts"]), tuple(summary["eval_seeds"]), params.align.steps)
+    assert evaluate_policy(tuned.backbone, reward, evalset)[0] == pytest.approx(summary["reward_after"], abs=1e-4)
     # MLflow: metrics per update, the adapter registered with alias candidate
     client = MlflowClient(uri)
     run = client.get_run(summary["run_id"])

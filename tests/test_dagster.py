@@ -11,17 +11,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from dagster import AssetCheckSeverity, AssetKey, AssetSelection, DagsterInstance, Definitions, materialize
 from mlflow.tracking import MlflowClient
 
+import pipelines
+from assets import MlflowResource, StitchVMResource
+from stitchvm.stages import BOOTSTRAP, GRAPH
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `assets` and `pipelines` are loaded from the repository, like workspace.yaml does
-    sys.path.insert(0, str(ROOT))
-
-from dagster import AssetCheckSeverity, AssetKey, AssetSelection, DagsterInstance, Definitions, materialize  # noqa: E402
-
-import pipelines  # noqa: E402
-from assets import MlflowResource, StitchVMResource  # noqa: E402
-from stitchvm.stages import BOOTSTRAP, GRAPH  # noqa: E402
 
 # tests/test_smoke.py's reduced run, one evaluation σ, and a gate loose enough to pass (so `champion` is exercised)
 SMALL = {
@@ -132,6 +129,7 @@ def test_asset_graph_is_the_stage_graph():
     assert {k.to_user_string() for k in world_keys} == set(BOOTSTRAP)
 
 
+@pytest.mark.e2e
 def test_materialize_all_assets_with_metadata_and_passing_checks(run, env):
     assert run.success
     for name, keys in METADATA.items():
@@ -161,6 +159,7 @@ def test_materialize_all_assets_with_metadata_and_passing_checks(run, env):
     assert md["train"]["model_version_url"].value == f"http://127.0.0.1:5000/#/models/{MODEL}/versions/{version}"
 
 
+@pytest.mark.e2e
 def test_a_corrupted_shard_fails_the_checksum_check(run, env, tmp_path):
     """Truncate one samples shard of a copy of the materialised root; only the check runs (a re-materialisation
     would rewrite the shard)."""
@@ -178,6 +177,7 @@ def test_a_corrupted_shard_fails_the_checksum_check(run, env, tmp_path):
     assert result.asset_materializations_for_node("samples") == []
 
 
+@pytest.mark.e2e
 def test_non_finite_labels_fail_the_finite_check(run, env, tmp_path):
     """A NaN score written consistently (its shard's sha256 updated) passes the checksums but not the finite check."""
     from stitchvm.data.storage import open_root, read_shards, write_shard
@@ -199,6 +199,7 @@ def test_non_finite_labels_fail_the_finite_check(run, env, tmp_path):
     assert evaluations["labels_finite"].metadata["non_finite"].value == {"embeds": 0, "score": 1, "tokens": 0}
 
 
+@pytest.mark.e2e
 def test_a_failed_gate_is_a_warning(run, env, tmp_path):
     """The gate check reads reports/eval.json; a report whose gate failed gives a WARN-severity failure."""
     report = json.loads((env["tmp"] / "reports" / "eval.json").read_text())
@@ -215,31 +216,29 @@ def test_a_failed_gate_is_a_warning(run, env, tmp_path):
     assert evaluation.metadata["spearman_within_prompt"].value is False
 
 
+@pytest.mark.e2e
 def test_the_dagster_cli_materializes_everything(env, tmp_path):
     """The command line, in a fresh DAGSTER_HOME, on a params file given through STITCHVM_PARAMS: workspace.yaml
     loads (what `dagster dev -w workspace.yaml` reads), and `dagster asset materialize --select 'prompts*'` on the
     module it names runs every pipeline asset (all but the world's bootstrap) and check with the code location's multiprocess executor.
 
     `dagster asset materialize` has no -w/--workspace option in dagster 1.13 (it takes a single code location:
-    -m/-f/--package-name), so it is pointed at the `pipelines` module that workspace.yaml names."""
+    -m/-f/--package-name), so it is pointed at the `pipelines` module that workspace.yaml names: an installed package,
+    found from the temporary cwd (and by the executor's forkserver, which preloads it) without any path set up."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     params = write_params(tmp_path / "params.yaml", tmp_path / "data", uri)
     cli_env = {**os.environ, "STITCHVM_PARAMS": str(params), "STITCHVM_REPORTS": str(tmp_path / "reports"),
                "STITCHVM_CHECKPOINTS": str(tmp_path / "checkpoints"), "MLFLOW_TRACKING_URI": uri,
-               "DAGSTER_HOME": str(dagster_home(tmp_path / "dagster_home")),
-               # the executor's forkserver preloads `pipelines`; a fresh interpreter outside the repository root finds
-               # it only on PYTHONPATH (Python 3.11's forkserver ignores the parent's sys.path). Without it every step
-               # imports torch & co. itself: slower, same result.
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+               "DAGSTER_HOME": str(dagster_home(tmp_path / "dagster_home"))}
     dagster = str(Path(sys.executable).with_name("dagster"))
-    # loads only (side by side with the run); from the repository root, since dagster resolves a python_module's
-    # working_directory against the cwd; its own DAGSTER_HOME, as two processes creating one sqlite storage collide
+    # loads only (side by side with the run); from the repository root, where `dagster dev -w workspace.yaml` runs;
+    # its own DAGSTER_HOME, as two processes creating one sqlite storage collide
     validate = subprocess.Popen([dagster, "definitions", "validate", "-w", "workspace.yaml"], cwd=ROOT,
                                 env={**cli_env, "DAGSTER_HOME": str(dagster_home(tmp_path / "validate_home"))},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "-d", str(ROOT),
-                               "--select", "prompts*"], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "--select", "prompts*"],
+                              cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
         validated = validate.communicate(timeout=120)[0]
     finally:
         if validate.poll() is None:

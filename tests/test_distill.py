@@ -5,7 +5,7 @@ import torch
 from stitchvm.config import TrainConfig
 from stitchvm.value.training import (TeacherTargets, build_optimizer, distillation_loss, finetune, teacher_targets,
                               trivial_loss)
-from stitchvm.value.evaluation import EvalSet, evaluate, noise_grid
+from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model, noise_grid
 from stitchvm.diffusion.flow import forward_noise
 from stitchvm.data.latent_fields import round_robin_prompts, smooth_latents
 from stitchvm.value.ranking import spearman_within_groups
@@ -108,9 +108,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, backbone, reward, gen):
 
 def test_evaluation_rows_and_floor(backbone, reward, gen):
     model = StitchedValueModel(backbone, reward, 2, 1)
-    data = EvalSet(latents(backbone, 8, gen), round_robin_prompts(2, 4), PROMPTS[:2])
+    data = NoisyEvalSet(latents(backbone, 8, gen), round_robin_prompts(2, 4), PROMPTS[:2])
     noisy = noise_grid(data.z0, (0.25, 0.75), gen)
-    report = evaluate(model, backbone, reward, data, noisy, batch_size=4, progress=False)
+    report = evaluate_value_model(model, backbone, reward, data, noisy, batch_size=4, progress=False)
     assert [(r["sigma"], r["method"]) for r in report["eval"]] == [
         (0.25, "stitchvm"), (0.25, "tweedie"), (0.75, "stitchvm"), (0.75, "tweedie")]
     for row in report["eval"]:
@@ -122,8 +122,8 @@ def test_evaluation_rows_and_floor(backbone, reward, gen):
 def test_tweedie_at_sigma_zero_is_the_teacher(backbone, reward, gen):
     """At σ = 0, ẑ0 = z0 exactly, so the Tweedie baseline must reproduce the teacher perfectly."""
     model = StitchedValueModel(backbone, reward, 2, 1)
-    data = EvalSet(smooth_latents(8, 4, 16, gen), round_robin_prompts(2, 4), PROMPTS[:2])
-    row = evaluate(model, backbone, reward, data, noise_grid(data.z0, (0.0,), gen), batch_size=8,
+    data = NoisyEvalSet(smooth_latents(8, 4, 16, gen), round_robin_prompts(2, 4), PROMPTS[:2])
+    row = evaluate_value_model(model, backbone, reward, data, noise_grid(data.z0, (0.0,), gen), batch_size=8,
                    progress=False)["eval"][1]
     assert row["method"] == "tweedie"
     assert row["spearman"] == pytest.approx(1.0) and row["distill_loss"] < 1e-9

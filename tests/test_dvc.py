@@ -166,7 +166,7 @@ def _registry(project) -> dict:
 
 
 @needs_dvc
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_repro_runs_every_stage_and_writes_the_report(project):
     root, sigmas = project["root"], project["params"]["noisy"]["sigmas"]
     assert _ran(project["first"]) == [name for name in GRAPH if name not in BOOTSTRAP]
@@ -184,7 +184,7 @@ def test_repro_runs_every_stage_and_writes_the_report(project):
 
 
 @needs_dvc
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_dvc_builds_the_same_dag(project):
     dot = _run(project["root"], DVC, "dag", "--dot").stdout
     edges = set(re.findall(r'"?([\w-]+)"?\s*->\s*"?([\w-]+)"?', dot))
@@ -192,14 +192,14 @@ def test_dvc_builds_the_same_dag(project):
 
 
 @needs_dvc
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_second_repro_runs_nothing(project):
     again = _run(project["root"], DVC, "repro")
     assert _ran(again) == [] and "up to date" in again.stdout
 
 
 @needs_dvc
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_and_evaluate_publish_to_the_registry(project):
     root = project["root"]
     summary = json.loads((root / "data/train/summary.json").read_text())
@@ -212,7 +212,7 @@ def test_train_and_evaluate_publish_to_the_registry(project):
 
 
 @needs_dvc
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_metrics_and_plots_show(project):
     root = project["root"]
     assert "reports/eval.json" in _run(root, DVC, "metrics", "show").stdout
@@ -225,7 +225,7 @@ def test_metrics_and_plots_show(project):
 
 
 @needs_dvc
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_exp_run_reruns_only_train_and_its_consumers(project):  # last: it changes the workspace
     root = project["root"]
     before = _registry(project)["candidate"]

@@ -6,9 +6,9 @@ import torch
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec
 from stitchvm.diffusion.flow import tweedie_z0
-from stitchvm.guidance.dps import (DPSStitchVM, DPSTweedie, power, shared_branch, stitchvm_value_and_grad,
+from stitchvm.guidance.dps import (dps_stitchvm, dps_tweedie, power, shared_branch, stitchvm_value_and_grad,
                                tweedie_value_and_grad, window)
-from stitchvm.diffusion.sampling import (cfg_velocity, encode, euler_step, initial_latents, sample, sde_step, timesteps)
+from stitchvm.diffusion.sampling import (cfg_velocity, encode_conditioning, euler_step, initial_latents, sample, sde_step, timesteps)
 from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
@@ -77,9 +77,9 @@ def test_sde_step_keeps_the_forward_marginals(eta):
 # ---- guidance --------------------------------------------------------------------------------------------------
 def test_scale_zero_is_unguided_exactly(backbone, reward, value_model):
     unguided = sample(backbone, PROMPTS, 3, CFG, seed(2), eta=0.5)
-    for guidance in (DPSTweedie(reward, 0.0), DPSStitchVM(value_model, 0.0),
-                     DPSStitchVM(value_model, 3.0, schedule=window(0.0, 0.0)),  # σ > 0 at every step
-                     DPSTweedie(reward, 0.3, schedule=lambda s: 0.0)):
+    for guidance in (dps_tweedie(reward, 0.0), dps_stitchvm(value_model, 0.0),
+                     dps_stitchvm(value_model, 3.0, schedule=window(0.0, 0.0)),  # σ > 0 at every step
+                     dps_tweedie(reward, 0.3, schedule=lambda s: 0.0)):
         assert torch.equal(sample(backbone, PROMPTS, 3, CFG, seed(2), guidance=guidance, eta=0.5), unguided)
 
 
@@ -98,7 +98,7 @@ def prompt_value_model(backbone, reward):
 def test_shared_branch_velocity_is_the_transformers(backbone, reward, value_model, gen, i):
     model = value_model if i == 3 else StitchedValueModel(backbone, reward, i, 2)
     z, t = latents(backbone, 2, gen), torch.tensor([0.9, 0.35])
-    tokens, v_u = shared_branch(model, backbone, z, t, encode(backbone, PROMPTS, CFG))
+    tokens, v_u = shared_branch(model, backbone, z, t, encode_conditioning(backbone, PROMPTS, CFG))
     null_embeds, null_pooled = backbone.encode_prompts(["", ""])
     with torch.no_grad():
         assert torch.allclose(v_u, backbone.velocity(z, t, null_embeds, null_pooled), rtol=0, atol=1e-5)
@@ -107,7 +107,7 @@ def test_shared_branch_velocity_is_the_transformers(backbone, reward, value_mode
 
 def test_a_prompt_head_shares_the_conditional_branch(backbone, prompt_value_model, gen):
     z, t = latents(backbone, 2, gen), torch.tensor([0.9, 0.35])
-    cond = encode(backbone, PROMPTS, CFG)
+    cond = encode_conditioning(backbone, PROMPTS, CFG)
     tokens, v_c = shared_branch(prompt_value_model, backbone, z, t, cond)
     with torch.no_grad():
         assert torch.allclose(v_c, backbone.velocity(z, t, *cond.cond), rtol=0, atol=1e-5)
@@ -122,7 +122,7 @@ def test_stitchvm_gradient_through_shared_cfg_equals_standalone(backbone, value_
                                                                 context):
     model = value_model if context == "empty" else prompt_value_model
     z, t = latents(backbone, 2, gen), torch.tensor([0.8, 0.45])
-    cond = encode(backbone, PROMPTS, cfg)
+    cond = encode_conditioning(backbone, PROMPTS, cfg)
     out = stitchvm_value_and_grad(model, backbone, z, t, cond)
     zr = z.clone().requires_grad_(True)
     value = model(zr, t, PROMPTS)
@@ -140,7 +140,7 @@ def test_tweedie_gradient_matches_finite_differences(backbone, reward, gen):
     bb.transformer, bb.vae = copy.deepcopy(backbone.transformer).double(), copy.deepcopy(backbone.vae).double()
     rw = copy.deepcopy(reward).double()
     rw._text_cache.clear()  # cached text embeddings were float32
-    c32 = encode(backbone, PROMPTS, CFG)
+    c32 = encode_conditioning(backbone, PROMPTS, CFG)
     cond = type(c32)(c32.prompts, tuple(x.double() for x in c32.cond), tuple(x.double() for x in c32.uncond), CFG)
     z, t = latents(backbone, 2, gen).double(), torch.tensor([0.7, 0.4], dtype=torch.float64)
     out = tweedie_value_and_grad(bb, rw, z, t, cond)
@@ -164,11 +164,11 @@ def test_guided_step_climbs_the_value(backbone, reward, value_model, method):
     # one step σ = 1 -> 0: z' = z - u, so guided - unguided = c · ∇V(z)
     c = 0.05 if method == "tweedie" else 0.5
     z = initial_latents(backbone, 2, seed(4))
-    t, cond = torch.ones(2), encode(backbone, PROMPTS, CFG)
+    t, cond = torch.ones(2), encode_conditioning(backbone, PROMPTS, CFG)
     if method == "tweedie":
-        guidance, grad = DPSTweedie(reward, c), tweedie_value_and_grad(backbone, reward, z, t, cond).grad
+        guidance, grad = dps_tweedie(reward, c), tweedie_value_and_grad(backbone, reward, z, t, cond).grad
     else:
-        guidance, grad = DPSStitchVM(value_model, c), stitchvm_value_and_grad(value_model, backbone, z, t, cond).grad
+        guidance, grad = dps_stitchvm(value_model, c), stitchvm_value_and_grad(value_model, backbone, z, t, cond).grad
     unguided = sample(backbone, PROMPTS, 1, CFG, None, latents=z)
     guided = sample(backbone, PROMPTS, 1, CFG, None, guidance=guidance, latents=z)
     assert (c * grad).abs().max() > 1e-3
@@ -176,18 +176,18 @@ def test_guided_step_climbs_the_value(backbone, reward, value_model, method):
 
 
 def test_schedules_scale_the_correction(backbone, value_model):
-    z, cond = initial_latents(backbone, 2, seed(6)), encode(backbone, PROMPTS, CFG)
+    z, cond = initial_latents(backbone, 2, seed(6)), encode_conditioning(backbone, PROMPTS, CFG)
     t = torch.full((2,), 0.5)
-    full = DPSStitchVM(value_model, 2.0)(backbone, z, t, cond, 0)
-    half = DPSStitchVM(value_model, 2.0, schedule=power(1.0))(backbone, z, t, cond, 0)
+    full = dps_stitchvm(value_model, 2.0)(backbone, z, t, cond, 0)
+    half = dps_stitchvm(value_model, 2.0, schedule=power(1.0))(backbone, z, t, cond, 0)
     assert torch.equal(full.velocity, half.velocity)
     assert torch.allclose(half.correction, 0.5 * full.correction, rtol=1e-6, atol=0)
-    assert DPSStitchVM(value_model, 2.0, schedule=window(0.6, 1.0))(backbone, z, t, cond, 0).correction is None
+    assert dps_stitchvm(value_model, 2.0, schedule=window(0.6, 1.0))(backbone, z, t, cond, 0).correction is None
 
 
 @pytest.mark.parametrize("method", [None, "tweedie", "stitchvm"])
 def test_every_method_is_deterministic_under_its_generator(backbone, reward, value_model, method):
-    guidance = {None: None, "tweedie": DPSTweedie(reward, 0.1), "stitchvm": DPSStitchVM(value_model, 1.0)}[method]
+    guidance = {None: None, "tweedie": dps_tweedie(reward, 0.1), "stitchvm": dps_stitchvm(value_model, 1.0)}[method]
     run = lambda k: sample(backbone, PROMPTS, 2, CFG, seed(k), guidance=guidance, eta=0.6)
     a = run(7)
     assert torch.equal(a, run(7))
@@ -214,23 +214,23 @@ def test_bad_arguments_fail_with_messages(backbone, reward, value_model):
     with pytest.raises(ValueError, match="latents hold 3 samples for 2 prompts"):
         sample(backbone, PROMPTS, 2, CFG, g, latents=initial_latents(backbone, 3, g))
     with pytest.raises(ValueError, match="DPS-Tweedie guidance scale must be .* >= 0, got -0.1"):
-        DPSTweedie(reward, -0.1)
+        dps_tweedie(reward, -0.1)
     with pytest.raises(ValueError, match="DPS-StitchVM guidance scale must be .* >= 0"):
-        DPSStitchVM(value_model, float("nan"))
+        dps_stitchvm(value_model, float("nan"))
     with pytest.raises(ValueError, match="schedule's value at t="):
-        sample(backbone, PROMPTS, 1, CFG, g, guidance=DPSStitchVM(value_model, 1.0, schedule=lambda s: -1.0))
+        sample(backbone, PROMPTS, 1, CFG, g, guidance=dps_stitchvm(value_model, 1.0, schedule=lambda s: -1.0))
     with pytest.raises(ValueError, match="window needs"):
         window(0.7, 0.2)
     other = build_backbone(ModelSpec("tiny:sd3", seed=1))
     with pytest.raises(ValueError, match="value model was built on backbone"):
-        sample(other, PROMPTS, 1, CFG, g, guidance=DPSStitchVM(value_model, 1.0))
+        sample(other, PROMPTS, 1, CFG, g, guidance=dps_stitchvm(value_model, 1.0))
 
 
 @pytest.mark.parametrize("method", [None, "tweedie", "stitchvm"])
 def test_guided_steps_waste_no_passes(backbone, reward, value_model, method):
     # per step every transformer block sees the 2B samples of CFG exactly once, guided or not: DPS-Tweedie
     # differentiates its one CFG forward, DPS-StitchVM shares blocks 1..i of the unconditional branch
-    guidance = {None: None, "tweedie": DPSTweedie(reward, 0.1), "stitchvm": DPSStitchVM(value_model, 1.0)}[method]
+    guidance = {None: None, "tweedie": dps_tweedie(reward, 0.1), "stitchvm": dps_stitchvm(value_model, 1.0)}[method]
     seen, decoded = [0] * backbone.depth, []
 
     def counter(k):
@@ -256,10 +256,18 @@ def test_guided_steps_waste_no_passes(backbone, reward, value_model, method):
 def test_aesthetic_rewards_need_no_prompts(backbone, aesthetic, gen):
     model = StitchedValueModel(backbone, aesthetic, 3, 2)
     z, t = latents(backbone, 2, gen), torch.tensor([0.6, 0.3])
-    cond = encode(backbone, PROMPTS, CFG)
+    cond = encode_conditioning(backbone, PROMPTS, CFG)
     out = stitchvm_value_and_grad(model, backbone, z, t, cond)
     zr = z.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(zr, t).sum(), zr)
     assert torch.allclose(out.grad, grad, rtol=1e-4, atol=1e-7)
     tw = tweedie_value_and_grad(backbone, aesthetic, z, t, cond)
     assert tw.value.shape == (2,) and tw.grad.abs().sum() > 0
+    # against the composition written out: V(z) = a(D(ẑ0(z, v_cfg(z)))) with the aesthetic head on image features
+    zr = z.clone().requires_grad_(True)
+    v = cfg_velocity(backbone, zr, t, cond.cond, cond.uncond, CFG)
+    direct = aesthetic.score(aesthetic.image_features(backbone.decode(tweedie_z0(zr, t, v)))[0])
+    (direct_grad,) = torch.autograd.grad(direct.sum(), zr)
+    assert torch.allclose(tw.value, direct.detach(), rtol=0, atol=1e-5)
+    assert torch.allclose(tw.velocity, v.detach(), rtol=0, atol=1e-5)
+    assert torch.allclose(tw.grad, direct_grad, rtol=1e-4, atol=1e-7)

@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from stitchvm.value.training import teacher_targets
-from stitchvm.value.evaluation import EvalSet, evaluate, noise_grid
+from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model, noise_grid
 from stitchvm.data.latent_fields import round_robin_prompts
-from stitchvm.alignment.trainer import true_reward
+from stitchvm.models.reward import true_reward
 from stitchvm.value.monte_carlo import monte_carlo_value
 from stitchvm.value.ranking import spearman_within_groups
-from stitchvm.diffusion.sampling import cfg_velocity, encode, sample, timesteps
+from stitchvm.diffusion.sampling import cfg_velocity, encode_conditioning, sample, timesteps
 from stitchvm.value.model import StitchedValueModel
 
 from conftest import latents
@@ -24,7 +24,7 @@ def test_a_rollout_from_a_grid_point_finishes_the_full_sample(backbone, gen):
     """Euler: two steps by hand to σ_2, then sample(start=σ_2) must land where the 5-step sampler lands."""
     z = latents(backbone, 3, gen)
     full = sample(backbone, PROMPTS, 5, CFG, None, latents=z)
-    sigmas, c = timesteps(backbone, 5, 16), encode(backbone, PROMPTS, CFG)
+    sigmas, c = timesteps(backbone, 5, 16), encode_conditioning(backbone, PROMPTS, CFG)
     mid = z
     for k in range(2):
         mid = mid + (sigmas[k + 1] - sigmas[k]) * cfg_velocity(backbone, mid, sigmas[k].expand(3), c.cond, c.uncond, CFG)
@@ -81,12 +81,12 @@ def test_start_needs_latents(backbone):
 def test_evaluation_against_given_true_values(backbone, reward, gen):
     """With the teacher's own scores as the 'true value', agreement with it is the within-prompt Spearman itself."""
     model = StitchedValueModel(backbone, reward, 2, 1)
-    data = EvalSet(latents(backbone, 8, gen), round_robin_prompts(2, 4), PROMPTS[:2])
+    data = NoisyEvalSet(latents(backbone, 8, gen), round_robin_prompts(2, 4), PROMPTS[:2])
     noisy = noise_grid(data.z0, (0.25, 0.75), gen)
     teacher = teacher_targets(backbone, reward, data.z0, 8)
     text = reward.text_embeds(data.prompts)
     own = reward.score_matrix(teacher.embeds, text)[torch.arange(8), data.prompt_ids]
-    report = evaluate(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False,
+    report = evaluate_value_model(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False,
                       true_values={0.75: own})
     assert [(r["sigma"], r["method"]) for r in report["eval"]] == [
         (0.25, "stitchvm"), (0.25, "tweedie"), (0.75, "stitchvm"), (0.75, "tweedie"), (0.75, "monte-carlo")]
@@ -95,11 +95,11 @@ def test_evaluation_against_given_true_values(backbone, reward, gen):
     assert all("spearman_within_prompt_vs_mc" not in r for r in report["eval"][:2])
     assert report["eval"][4]["spearman_within_prompt"] == pytest.approx(1.0)
     shuffled = own[torch.tensor([6, 1, 4, 3, 2, 5, 0, 7])]  # same prompt ids (even/odd), other order
-    mc = evaluate(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False,
+    mc = evaluate_value_model(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False,
                   true_values={0.75: shuffled})["eval"][4]
     assert mc["spearman_within_prompt"] == pytest.approx(spearman_within_groups(shuffled, own, data.prompt_ids))
     with pytest.raises(ValueError, match="have no noisy set"):
-        evaluate(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False, true_values={0.5: own})
+        evaluate_value_model(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False, true_values={0.5: own})
     with pytest.raises(ValueError, match=r"shape \(7,\), expected \(8,\)"):
-        evaluate(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False,
+        evaluate_value_model(model, backbone, reward, data, noisy, 4, teacher=teacher, progress=False,
                  true_values={0.75: own[:7]})

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,19 @@ def test_reward_is_differentiable_in_pixels(aesthetic, gen):
     px = (torch.rand(2, 3, 40, 32, generator=gen) * 2 - 1).requires_grad_(True)  # non-square: resize + crop
     aesthetic.score(aesthetic.image_features(px)[0]).sum().backward()
     assert px.grad is not None and torch.isfinite(px.grad).all() and px.grad.abs().sum() > 0
+    # the gradient is the derivative: directional derivatives against 4th-order central differences in float64
+    rw = copy.deepcopy(aesthetic).double()
+    x = px.detach().double().requires_grad_(True)
+    score = lambda p: rw.score(rw.image_features(p)[0]).sum()
+    (grad,) = torch.autograd.grad(score(x), x)
+    torch.testing.assert_close(grad.float(), px.grad, rtol=1e-3, atol=1e-6)  # float32 autograd agrees
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(2):
+            d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            h = 1e-3
+            fd = (-score(x + 2 * h * d) + 8 * score(x + h * d) - 8 * score(x - h * d) + score(x - 2 * h * d)) / (12 * h)
+            assert (grad * d).sum().item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8)
 
 
 def test_j_beyond_depth_is_named(reward):

@@ -36,6 +36,7 @@ def run_all(params: Params, tmp: Path) -> dict:
     return {name: stage(name).run(params, paths, progress=False) for name in VALUE_PIPELINE}
 
 
+@pytest.mark.e2e
 def test_full_stage_round_trip_on_s3_matches_local(s3_options, tmp_path):
     local = small_params(str(tmp_path / "data"))
     remote = small_params("s3://bucket/stages", s3_options)

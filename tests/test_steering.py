@@ -42,6 +42,9 @@ def test_value_potentials_run(backbone, reward):
         z, v = fk_sample(backbone, PROMPTS, 2, 2.0, torch.Generator().manual_seed(0), potential, particles=2,
                          proposals=2, resample_every=1, window=(0.0, 1.0))
         assert z.shape == (2, 4, 16, 16) and torch.isfinite(v).all()
+        # the returned potentials are those of the returned latents at the last grid time (σ = 0), recomputed here
+        with torch.no_grad():
+            assert torch.allclose(v, potential(z, torch.zeros(2), PROMPTS), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

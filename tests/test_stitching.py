@@ -21,6 +21,16 @@ def test_residual_moves_off_init_once_trained(gen):
     tokens = torch.randn(2, 16, 4, generator=gen)
     layer(tokens, (4, 4)).pow(2).sum().backward()
     assert layer.residual[2].weight.grad.abs().sum() > 0  # the zero-initialised conv still receives gradient
+    # closed form at init (W₂ = 0, b₂ = 0, so s = x = U(F(h)) and SiLU'(0) = ½): with a = SiLU(W₁ x + b₁) and
+    # L = Σ s², ∂L/∂W₂[o, k] = Σ_{b,pixels} 2 x_o · ½ · a_k, ∂L/∂b₂[o] = Σ x_o, and no gradient reaches W₁ through W₂ = 0
+    with torch.no_grad():
+        x = F.interpolate(layer.proj(tokens_to_map(tokens, (4, 4))).double(), size=(3, 3), mode="bilinear",
+                          align_corners=False)
+        a = F.silu(F.conv2d(x, layer.residual[0].weight.double(), layer.residual[0].bias.double()))
+    torch.testing.assert_close(layer.residual[2].weight.grad.double(),
+                               torch.einsum("bohw,bkhw->ok", x, a)[:, :, None, None], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.residual[2].bias.grad.double(), x.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.residual[0].weight.grad, torch.zeros_like(layer.residual[0].weight))
 
 
 def test_resampling_keeps_row_major_orientation():

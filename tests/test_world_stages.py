@@ -3,7 +3,6 @@ shipped world is never touched), the `world:` model sources, and the shipped wor
 import copy
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import mlflow
@@ -13,20 +12,18 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from dagster import DagsterInstance, Definitions  # noqa: E402
-from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
+from dagster import DagsterInstance, Definitions
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-import pipelines  # noqa: E402
-from assets import MlflowResource, StitchVMResource  # noqa: E402
-from stitchvm.models.backbone import build_backbone  # noqa: E402
-from stitchvm.config import ModelSpec, RewardSpec  # noqa: E402
-from stitchvm.models.reward import build_reward  # noqa: E402
-from stitchvm.stages import BOOTSTRAP  # noqa: E402
-from stitchvm.stages.bootstrap import install  # noqa: E402
-from stitchvm.models import world_source as pretrained  # noqa: E402
+import pipelines
+from assets import MlflowResource, StitchVMResource
+from stitchvm.models.backbone import build_backbone
+from stitchvm.config import ModelSpec, RewardSpec
+from stitchvm.models.reward import build_reward
+from stitchvm.stages import BOOTSTRAP
+from stitchvm.stages.bootstrap import install
+from stitchvm.models import world_source as pretrained
 
 REDUCED_WORLD = {
     "clip": {"steps": 6, "batch_size": 16},
@@ -60,6 +57,7 @@ def world(tmp_path_factory):
     mlflow.set_registry_uri(previous[1])
 
 
+@pytest.mark.e2e
 def test_bootstrap_job_writes_every_part_with_metadata_and_runs(world):
     result, tmp = world["result"], world["tmp"]
     assert result.success
@@ -79,6 +77,7 @@ def test_bootstrap_job_writes_every_part_with_metadata_and_runs(world):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.e2e
 def test_world_sources_load_the_trained_parts(world, monkeypatch):
     monkeypatch.setenv("STITCHVM_WORLD", str(world["tmp"] / "world"))
     backbone = build_backbone(ModelSpec("world:sd3"))
@@ -105,6 +104,7 @@ def test_world_sources_load_the_trained_parts(world, monkeypatch):
     assert aesthetic.score(features, None).shape == (2,)
 
 
+@pytest.mark.e2e
 def test_the_samples_stage_draws_from_the_full_context_model(world, monkeypatch):
     """`samples` calls the diffusers pipeline itself: it must hand it the collapsed context (one zero T5 token), or
     the collapsed attention would weight 256 real zero tokens by 256 once more."""

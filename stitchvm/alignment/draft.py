@@ -11,7 +11,7 @@ Per update, `prompts_per_update` × `group_size` rollouts of the trained policy 
 Loss: L = -mean_b R_b + λ · (1/K) Σ_{differentiable steps k} mean_b mean((v_θ(z_k, t_k) - v_ref(z_k, t_k))²)
 (the output regulariser: the squared distance, per element, between the adapted and the base model's velocity at
 the states the differentiable steps visit; v_ref runs with the adapter disabled and is a constant; λ =
-`reg_weight`, 0.01 in the paper). AdamW (lr `draft_lr`, wd `draft_weight_decay`), grad-norm clip `grad_clip`.
+`draft.reg_weight`, 0.01 in the paper). AdamW (lr `draft.lr`, wd `draft.weight_decay`), grad-norm clip `grad_clip`.
 `checkpointing` recomputes each differentiable transformer pass during the backward (memory for time).
 """
 from __future__ import annotations
@@ -19,19 +19,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
-from stitchvm.alignment.trainer import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
-                        reward_of, rollout, slice_conditioning, stopping_step)
+from stitchvm.alignment.trainer import (PolicyEvalSet, Timer, check_value_model, eval_row, latent_hw, pick_prompts,
+                                        record_update, rollout, sigma_grid, slice_conditioning, stopping_step)
 from stitchvm.config import AlignConfig
 from stitchvm.models.lora import TRAINED, LoraPolicy
-from stitchvm.models.reward import ClipReward
-from stitchvm.diffusion.sampling import cfg_velocity, encode
+from stitchvm.models.reward import ClipReward, score_latents
+from stitchvm.diffusion.sampling import cfg_velocity, encode_conditioning
 from stitchvm.value.model import StitchedValueModel
 
 
 def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
-                value_model: StitchedValueModel | None = None, evalset: EvalSet | None = None,
+                value_model: StitchedValueModel | None = None, evalset: PolicyEvalSet | None = None,
                 callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
     """DRaFT (`cfg.method` "draft" or "draft-stitchvm") for `cfg.updates` updates; returns the history (rows as
     `stitchvm.alignment.nft.train_nft`'s: step 0 = base evaluation, then loss, reward, τ, phase seconds, wall_s, eval_reward)."""
@@ -41,9 +41,10 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
     check_value_model(method, value_model, policy)
     backbone, device = policy.backbone, policy.backbone.device
     generator = torch.Generator().manual_seed(seed)
-    sigmas = grid(backbone, cfg.steps).to(device)
+    sigmas = sigma_grid(backbone, cfg.steps).to(device)
     params = policy.parameters(TRAINED)
-    optimiser = torch.optim.AdamW(params, lr=cfg.draft_lr, betas=(0.9, 0.999), weight_decay=cfg.draft_weight_decay)
+    draft = cfg.draft
+    optimiser = torch.optim.AdamW(params, lr=draft.lr, betas=(0.9, 0.999), weight_decay=draft.weight_decay)
     timer = Timer(device)
     history = [{"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED, cfg.batch_size)}]
     if callback:
@@ -55,9 +56,9 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
                          for _ in range(cfg.group_size)]
         n = len(batch_prompts)
         tau = stopping_step(cfg, method, generator)
-        k_steps = min(cfg.draft_k, tau)
+        k_steps = min(draft.k, tau)
         with timer("sampling"):
-            cond = encode(backbone, batch_prompts, cfg.guidance_scale)
+            cond = encode_conditioning(backbone, batch_prompts, cfg.guidance_scale)
             z_all = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)
             z_all = z_all.to(device, backbone.transformer.dtype)
         optimiser.zero_grad(set_to_none=True)
@@ -75,15 +76,15 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
 
             with timer("sampling"):
                 z = rollout(backbone, c, z_all[sl], sigmas, tau, cfg.eta, generator, grad_from=tau - k_steps,
-                            on_step=regulariser if cfg.reg_weight > 0 else None, checkpointing=cfg.checkpointing)
+                            on_step=regulariser if draft.reg_weight > 0 else None, checkpointing=cfg.checkpointing)
             with timer("reward"):
                 if method == "draft":
-                    objective = reward_of(backbone, reward, z, c.prompts)
+                    objective = score_latents(backbone, reward, z, c.prompts)
                 else:
                     objective = value_model(z, sigmas[tau].expand(m).to(z.dtype), c.prompts)
             with timer("update"):
                 penalty = torch.stack(reg).mean() if reg else z.new_zeros(())
-                loss = -objective.mean() + cfg.reg_weight * penalty
+                loss = -objective.mean() + draft.reg_weight * penalty
                 weight = m / n
                 (loss * weight).backward()
             totals["loss"] += float(loss.detach()) * weight

@@ -2,7 +2,7 @@
 
 Conventions: z_t = α_t z0 + σ_t ε with α_t = 1 - t, σ_t = t (t = 1 is noise), v ≈ ε - z0, ẑ0 = z_t - t v.
 
-One update (`train_nft`):
+One update (`train_nft`; `adv_clip`, `train_times`, `old_rate`, ... are keys of `align.nft`, the rest of `align`):
 1. Rollouts from the data-collection policy θ_old (adapter "old"): `prompts_per_update` prompts × `group_size`
    samples, `steps` sampler steps at CFG `guidance_scale`, no autograd.
 2. Rewards R: the true reward r(D(z0)) (`nft`), or V(z_τ) of the stitched value model when every rollout of the
@@ -26,14 +26,14 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
-from stitchvm.alignment.trainer import (EvalSet, Timer, check_value_model, eval_row, grid, latent_hw, pick_prompts, record_update,
-                        rollout, slice_conditioning, stopping_step, true_reward)
+from stitchvm.alignment.trainer import (PolicyEvalSet, Timer, check_value_model, eval_row, latent_hw, pick_prompts,
+                                        record_update, rollout, sigma_grid, slice_conditioning, stopping_step)
 from stitchvm.config import AlignConfig
 from stitchvm.models.lora import TRAINED, LoraPolicy
-from stitchvm.models.reward import ClipReward
-from stitchvm.diffusion.sampling import encode
+from stitchvm.models.reward import ClipReward, true_reward
+from stitchvm.diffusion.sampling import encode_conditioning
 from stitchvm.value.model import StitchedValueModel
 
 NFT_ADAPTERS = (TRAINED, "old", "ema")
@@ -130,7 +130,7 @@ def ema_decay(step: int, cap: float = 0.9) -> float:
 
 # ---- the loop --------------------------------------------------------------------------------------------------
 def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
-              value_model: StitchedValueModel | None = None, evalset: EvalSet | None = None,
+              value_model: StitchedValueModel | None = None, evalset: PolicyEvalSet | None = None,
               callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
     """DiffusionNFT (`cfg.method` "nft" or "nft-stitchvm") for `cfg.updates` updates; returns the history.
 
@@ -138,7 +138,7 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
     History: a row `step 0` (evaluation of the base policy, when `evalset` is given) and one row per update with the
     loss terms, the rollouts' reward, τ, the seconds spent in sampling / reward / update, the cumulative training
     wall time `wall_s` (evaluation excluded) and `eval_reward` every `cfg.eval_every` updates (EMA weights when
-    `cfg.eval_ema`). Deterministic under `seed`.
+    `cfg.nft.eval_ema`). Deterministic under `seed`.
     """
     method = cfg.method
     if method not in ("nft", "nft-stitchvm"):
@@ -149,11 +149,12 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
     check_value_model(method, value_model, policy)
     backbone, device = policy.backbone, policy.backbone.device
     generator = torch.Generator().manual_seed(seed)
-    sigmas = grid(backbone, cfg.steps)
-    optimiser = torch.optim.AdamW(policy.parameters(TRAINED), lr=cfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=cfg.weight_decay)
+    sigmas = sigma_grid(backbone, cfg.steps)
+    nft = cfg.nft
+    optimiser = torch.optim.AdamW(policy.parameters(TRAINED), lr=nft.lr, betas=(0.9, 0.999),
+                                  weight_decay=nft.weight_decay)
     timer = Timer(device)
-    eval_adapter = "ema" if cfg.eval_ema else TRAINED
+    eval_adapter = "ema" if nft.eval_ema else TRAINED
     history = [{"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED, cfg.batch_size)}]
     if callback:
         callback(history[0])
@@ -166,7 +167,7 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
         tau = stopping_step(cfg, method, generator)
         # 1. rollouts of the old policy
         with timer("sampling"), torch.no_grad(), policy.use("old"):
-            cond = encode(backbone, batch_prompts, cfg.guidance_scale)
+            cond = encode_conditioning(backbone, batch_prompts, cfg.guidance_scale)
             z = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)
             z = z.to(device, backbone.transformer.dtype)
             z_anchor = torch.cat([rollout(backbone, slice_conditioning(cond, k, cfg.batch_size), z[k:k + cfg.batch_size], sigmas,
@@ -180,13 +181,13 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
                 rewards = torch.cat([value_model(z_anchor[k:k + cfg.batch_size], s[k:k + cfg.batch_size],
                                                  batch_prompts[k:k + cfg.batch_size])
                                      for k in range(0, n, cfg.batch_size)]).float()
-            r = optimality(rewards, groups, cfg.adv_clip).to(device)
+            r = optimality(rewards, groups, nft.adv_clip).to(device)
         # 3. forward-process regression at the grid times above the anchor
         with timer("update"):
             s_tau = float(sigmas[tau]) if method == "nft-stitchvm" else 0.0
             times = [k for k in range(tau if method == "nft-stitchvm" else cfg.steps) if float(sigmas[k]) > s_tau]
-            if cfg.train_times and cfg.train_times < len(times):
-                pick = torch.randperm(len(times), generator=generator)[:cfg.train_times].sort().values
+            if nft.train_times and nft.train_times < len(times):
+                pick = torch.randperm(len(times), generator=generator)[:nft.train_times].sort().values
                 times = [times[int(k)] for k in pick]
             optimiser.zero_grad(set_to_none=True)
             terms = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "old_deviation": 0.0}
@@ -206,12 +207,12 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
                         with policy.use("old"):
                             v_old = backbone.velocity(z_t[sl], t[sl], embeds, pooled)
                         v_ref = None
-                        if cfg.kl_weight > 0:
+                        if nft.kl_weight > 0:
                             with policy.reference():
                                 v_ref = backbone.velocity(z_t[sl], t[sl], embeds, pooled)
                     v = backbone.velocity(z_t[sl], t[sl], embeds, pooled)
-                    loss, metrics = nft_loss(v, v_old, v_ref, z_t[sl], t[sl], target[sl], r[sl], cfg.beta,
-                                             cfg.kl_weight, cfg.adv_clip)
+                    loss, metrics = nft_loss(v, v_old, v_ref, z_t[sl], t[sl], target[sl], r[sl], nft.beta,
+                                             nft.kl_weight, nft.adv_clip)
                     weight = (min(a + cfg.batch_size, n) - a) / n / len(times)
                     (loss * weight).backward()
                     terms["loss"] += float(loss.detach()) * weight
@@ -219,8 +220,8 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
                         terms[key] += value * weight
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(TRAINED), cfg.grad_clip)
             optimiser.step()
-            policy.ema_("old", TRAINED, old_decay(step, cfg.old_rate, cfg.old_max))
-            policy.ema_("ema", TRAINED, ema_decay(step, cfg.ema_max))
+            policy.ema_("old", TRAINED, old_decay(step, nft.old_rate, nft.old_max))
+            policy.ema_("ema", TRAINED, ema_decay(step, nft.ema_max))
         seconds = timer.take()
         wall += sum(seconds.values())
         row = {"step": step + 1, **terms, "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),

@@ -18,12 +18,12 @@ from torch.utils.checkpoint import checkpoint
 from stitchvm.models.backbone import Backbone
 from stitchvm.config import AlignConfig
 from stitchvm.models.lora import LoraPolicy
-from stitchvm.models.reward import ClipReward
-from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode, initial_latents, sde_step, timesteps
+from stitchvm.models.reward import ClipReward, true_reward
+from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode_conditioning, initial_latents, sde_step, timesteps
 from stitchvm.value.model import StitchedValueModel
 
 
-def grid(backbone: Backbone, steps: int, latent_size: int | None = None) -> torch.Tensor:
+def sigma_grid(backbone: Backbone, steps: int, latent_size: int | None = None) -> torch.Tensor:
     """(steps + 1,) σ grid of the pipeline for latents of side `latent_size` (default: the backbone's)."""
     size = latent_size or backbone.image_size // backbone.vae_scale
     return timesteps(backbone, steps, (size // backbone.patch_size) ** 2)
@@ -59,26 +59,6 @@ def rollout(backbone: Backbone, conditioning: Conditioning, z: torch.Tensor, sig
     return z
 
 
-def text_embeds(reward: ClipReward, prompts: list[str]) -> torch.Tensor | None:
-    return reward.text_embeds(prompts) if reward.spec.kind == "clip" else None
-
-
-def reward_of(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """(B,) r(D(z0), prompt): the teacher on the decoded image; differentiable in z0 (DRaFT backpropagates it)."""
-    embeds, _ = reward.image_features(backbone.decode(z0))
-    text = text_embeds(reward, prompts)
-    return reward.score(embeds, None if text is None else text.to(embeds.dtype))
-
-
-@torch.no_grad()
-def true_reward(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str],
-                batch_size: int = 16) -> torch.Tensor:
-    """(B,) the true reward of clean latents, in batches, without autograd."""
-    out = [reward_of(backbone, reward, z0[k:k + batch_size], prompts[k:k + batch_size])
-           for k in range(0, len(prompts), batch_size)]
-    return torch.cat(out).float()
-
-
 def noise_for_seeds(backbone: Backbone, seeds: list[int]) -> torch.Tensor:
     """(len(seeds), C, h, w): the initial noise of each seed (one generator per seed, the pipeline's draw)."""
     return torch.cat([initial_latents(backbone, 1, torch.Generator().manual_seed(int(s)))
@@ -86,30 +66,33 @@ def noise_for_seeds(backbone: Backbone, seeds: list[int]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class EvalSet:
+class PolicyEvalSet:
     """Fixed evaluation prompts × seeds: every prompt is sampled from every seed's noise, so two policies (or the
-    same policy before and after training) are compared on identical inputs."""
+    same policy before and after training) are compared on identical inputs. `results` keeps each evaluation's
+    ((N,) rewards, (N, C, h, w) clean latents) in order, so the first (the base model) and the last (the trained
+    adapter) are at hand without sampling them again."""
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     steps: int
     guidance_scale: float = 1.0
+    results: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False, compare=False)
 
     def expanded(self) -> tuple[list[str], list[int]]:
         return [p for p in self.prompts for _ in self.seeds], [s for _ in self.prompts for s in self.seeds]
 
 
 @torch.no_grad()
-def evaluate(backbone: Backbone, reward: ClipReward, evalset: EvalSet, batch_size: int = 16
+def evaluate_policy(backbone: Backbone, reward: ClipReward, evalset: PolicyEvalSet, batch_size: int = 16
              ) -> tuple[float, torch.Tensor, torch.Tensor]:
     """(mean true reward, (N,) rewards, (N, C, h, w) clean latents) of fully denoised Euler samples of `backbone`
     (whatever adapter is active) on the fixed evaluation prompts and seeds."""
     prompts, seeds = evalset.expanded()
-    sigmas = grid(backbone, evalset.steps)
+    sigmas = sigma_grid(backbone, evalset.steps)
     z_all = []
     for k in range(0, len(prompts), batch_size):
         ps = prompts[k:k + batch_size]
         z = noise_for_seeds(backbone, seeds[k:k + batch_size])
-        z_all.append(rollout(backbone, encode(backbone, ps, evalset.guidance_scale), z, sigmas, evalset.steps))
+        z_all.append(rollout(backbone, encode_conditioning(backbone, ps, evalset.guidance_scale), z, sigmas, evalset.steps))
     z0 = torch.cat(z_all)
     r = true_reward(backbone, reward, z0, prompts, batch_size)
     return float(r.mean()), r, z0
@@ -158,18 +141,19 @@ def draw_tau(window: tuple[int, int], generator: torch.Generator) -> int:
     return int(torch.randint(lo, hi + 1, (1,), generator=generator))
 
 
-def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: EvalSet | None, adapter: str, batch_size: int) -> dict:
+def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: PolicyEvalSet | None, adapter: str, batch_size: int) -> dict:
     """{"eval_reward": mean true reward of `adapter` on `evalset`}, or {} without an evaluation set."""
     if evalset is None:
         return {}
     with policy.use(adapter) as backbone:
-        mean, _, _ = evaluate(backbone, reward, evalset, batch_size)
+        mean, rewards, z0 = evaluate_policy(backbone, reward, evalset, batch_size)
+    evalset.results.append((rewards, z0))
     return {"eval_reward": mean}
 
 
 def record_update(row: dict, history: list[dict], cfg: AlignConfig, evaluate_adapter: Callable[[], dict],
                   callback: Callable[[dict], None] | None, what: str) -> None:
-    """Close one update: fail on a non-finite loss, evaluate every `eval_every` updates and at the end, record."""
+    """Close one update: fail on a non-finite loss, evaluate_policy every `eval_every` updates and at the end, record."""
     if not math.isfinite(row["loss"]):
         raise FloatingPointError(f"{what} loss became {row['loss']} at update {row['step']}")
     if row["step"] % cfg.eval_every == 0 or row["step"] == cfg.updates:
@@ -205,8 +189,8 @@ def stopping_step(cfg: AlignConfig, method: str, generator: torch.Generator) -> 
     if not method.endswith("stitchvm"):
         return cfg.steps
     if method.startswith("nft"):
-        return draw_tau(scaled_window(cfg.tau_window, cfg.tau_of, cfg.steps), generator)
-    return draw_tau(scaled_window(cfg.draft_tau_window, cfg.draft_tau_of, cfg.steps), generator)
+        return draw_tau(scaled_window(cfg.nft.tau_window, cfg.nft.tau_of, cfg.steps), generator)
+    return draw_tau(scaled_window(cfg.draft.tau_window, cfg.draft.tau_of, cfg.steps), generator)
 
 
 def latent_hw(backbone: Backbone) -> tuple[int, int]:

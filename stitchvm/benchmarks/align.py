@@ -24,6 +24,7 @@ import multiprocessing
 import platform
 from pathlib import Path
 
+from stitchvm.stages import tables
 from stitchvm.config import ALIGN_METHODS
 from stitchvm.benchmarks import load_profile
 
@@ -33,18 +34,13 @@ COLUMNS = ("method", "sec_per_update", "peak_mem_mb", "reward_before", "reward_a
 
 def _prompts(params):
     """(train, eval) prompts: from the profile's prompts.parquet when the pipeline ran, else split as `prompts` does."""
-    from stitchvm.stages.align import split_prompts
-    from stitchvm.stages.prompts import read_source
-    from stitchvm.stages.prompts import split_prompts as split_table
     from stitchvm.data.storage import open_root
+    from stitchvm.stages.align import split_prompts
+    from stitchvm.stages.prompts import prompt_table
+    from stitchvm.stages.upstream import PROMPTS, read_prompts
 
     storage = open_root(params.storage.root, params.storage.options)
-    if storage.exists("prompts.parquet"):
-        return split_prompts(storage, params.align)
-    p = params.prompts
-    table = split_table(read_source(p.source), p.train, p.val, p.test, params.seed)
-    rows = list(zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()))
-    return [q for q, s in rows if s == "train"], [q for q, s in rows if s == "test"][:params.align.eval_prompts]
+    return split_prompts(read_prompts(storage) if storage.exists(PROMPTS) else prompt_table(params), params.align)
 
 
 def _value_model(params, backbone, reward):
@@ -65,7 +61,7 @@ def measure(profile: str, method: str, updates: int | None) -> dict:
     """One method in this process: train `updates` updates, return its row (run in a fresh process)."""
     import torch
 
-    from stitchvm.alignment.trainer import EvalSet, evaluate
+    from stitchvm.alignment.trainer import PolicyEvalSet, evaluate_policy
     from stitchvm.profiling import PeakMemory
     from stitchvm.stages.align import eval_adapter, train_adapter
     from stitchvm.stages.runtime import models
@@ -76,15 +72,15 @@ def measure(profile: str, method: str, updates: int | None) -> dict:
     backbone, reward = models(params)
     train_prompts, eval_prompts = _prompts(params)
     value_model, vm_kind = _value_model(params, backbone, reward) if method.endswith("stitchvm") else (None, None)
-    evalset = EvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps, cfg.eval_guidance_scale)
-    reward_before, _, _ = evaluate(backbone, reward, evalset, cfg.batch_size)
+    evalset = PolicyEvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps, cfg.eval_guidance_scale)
+    reward_before, _, _ = evaluate_policy(backbone, reward, evalset, cfg.batch_size)
     device = backbone.device
     with PeakMemory(device) as peak:
         policy, history = train_adapter(params, backbone, reward, train_prompts, None, value_model)
     rows = [r for r in history if r["step"] > 0]
     timed = rows[1:] if len(rows) >= 2 else rows
     with policy.use(eval_adapter(cfg)) as tuned:
-        reward_after, _, _ = evaluate(tuned, reward, evalset, cfg.batch_size)
+        reward_after, _, _ = evaluate_policy(tuned, reward, evalset, cfg.batch_size)
     return {
         "method": method,
         "sec_per_update": sum(r["sampling_s"] + r["reward_s"] + r["update_s"] for r in timed) / len(timed),
@@ -124,15 +120,8 @@ def run(profile: str, out: str, updates: int | None = None, progress: bool = Tru
 
 
 def format_table(report: dict) -> str:
-    def cell(v):
-        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cols = [*COLUMNS, "mean_tau"]
-    rows = [[cell(r.get(c)) for c in cols] for r in report["rows"]]
-    widths = [max(len(c), *(len(row[k]) for row in rows)) for k, c in enumerate(cols)]
     lines = [f"bench align on {report['device']} (profile {report['profile']}, {report['updates']} updates, "
              f"value model: {report['value_model']})",
-             "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+             tables.format_table(report["rows"], [*COLUMNS, "mean_tau"], drop_missing=False)]
     lines += [f"speedup per update ({k} / {k}-stitchvm): {v:.3g}x" for k, v in report["speedup"].items()]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ The models are built on PyTorch's `meta` device (shapes only, no memory, no arit
 method is run through the library's own functions:
 
 - `unguided`: `sampling.cfg_velocity` under no_grad (both CFG branches, one batched call) + `sampling.sde_step`;
-- `dps-tweedie` / `dps-stitchvm`: the `value_and_grad` callable that `guidance.DPSTweedie` / `guidance.DPSStitchVM`
+- `dps-tweedie` / `dps-stitchvm`: the `value_and_grad` callable that `guidance.dps_tweedie` / `guidance.dps_stitchvm`
   hold (`tweedie_value_and_grad`: CFG forward with autograd, Tweedie ẑ0, VAE decode, the reward's resize to its
   input size and CLIP, backward through all of it; `stitchvm_value_and_grad`: the unconditional branch's first i
   blocks shared with the value head, stitch + reward tail, backward through those only, the conditional branch under
@@ -37,9 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from stitchvm.models.backbone import Backbone, build_backbone
 from stitchvm.config import GuidanceConfig, ModelSpec, RewardSpec
-from stitchvm.guidance.dps import DPSStitchVM, DPSTweedie
+from stitchvm.guidance.dps import dps_stitchvm, dps_tweedie
 from stitchvm.models.reward import ClipReward, build_reward
-from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode, sde_step
+from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode_conditioning, sde_step
 from stitchvm.guidance.fk import stitchvm_potential, tweedie_potential
 from stitchvm.value.model import StitchedValueModel
 
@@ -133,8 +133,8 @@ def _step(method: str, backbone: Backbone, reward: ClipReward, value_model: Stit
         with torch.no_grad():
             return sde_step(z, cfg_velocity(backbone, z, t, cond.cond, cond.uncond, cond.scale), s, s_next, cfg.eta)
     if method in ("dps-tweedie", "dps-stitchvm"):
-        dps = (DPSTweedie(reward, cfg.scale_tweedie) if method == "dps-tweedie"
-               else DPSStitchVM(value_model, cfg.scale_stitchvm))
+        dps = (dps_tweedie(reward, cfg.scale_tweedie) if method == "dps-tweedie"
+               else dps_stitchvm(value_model, cfg.scale_stitchvm))
         out = dps.value_and_grad(backbone, z, t, cond)  # what DPS.__call__ runs at a guided step
         with torch.no_grad():
             return sde_step(z, out.velocity - dps.scale * out.grad, s, s_next, cfg.eta)
@@ -157,7 +157,7 @@ def count_step(method: str, backbone: Backbone, reward: ClipReward, value_model:
     size = resolution // backbone.vae_scale
     z = torch.randn(batch, backbone.latent_channels, size, size, device=dev, dtype=backbone.transformer.dtype)
     t = torch.full((batch,), 0.5, device=dev, dtype=z.dtype)
-    cond = encode(backbone, [PROMPT] * batch, cfg.guidance_scale)
+    cond = encode_conditioning(backbone, [PROMPT] * batch, cfg.guidance_scale)
     reward.text_embeds([PROMPT])  # the text tower runs once per prompt (cached), not per step
     saved = SavedActivations(backbone.transformer, backbone.vae, reward, value_model)
     start = time.perf_counter()

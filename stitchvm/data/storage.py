@@ -31,7 +31,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 INDEX_DIR = "index"  # name/index/ holds one Parquet index part per shard
 PART_RE = re.compile(r"shard-(\d+)\.parquet$")

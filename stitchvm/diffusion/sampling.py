@@ -132,7 +132,7 @@ class Conditioning:
         return len(self.prompts)
 
 
-def encode(backbone: Backbone, prompts: list[str], guidance_scale: float) -> Conditioning:
+def encode_conditioning(backbone: Backbone, prompts: list[str], guidance_scale: float) -> Conditioning:
     prompts = check_prompts(prompts)
     scale = check_scale(guidance_scale, "guidance_scale (classifier-free guidance)")
     # the empty prompt encoded once per sample, as the pipeline does (batched text encoders differ in the last bit)
@@ -166,7 +166,7 @@ class Guidance(Protocol):
                  step: int) -> Guided: ...
 
 
-def initial_latents(backbone: Backbone, n: int, generator: torch.Generator | None,
+def initial_latents(backbone: Backbone, n: int, generator: torch.Generator | list[torch.Generator] | None,
                     size: int | None = None) -> torch.Tensor:
     """(n, C, h, w) standard normal noise drawn as the pipeline's `prepare_latents` draws it."""
     size = size or backbone.image_size // backbone.vae_scale
@@ -176,11 +176,14 @@ def initial_latents(backbone: Backbone, n: int, generator: torch.Generator | Non
 
 @torch.no_grad()
 def sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: float,
-           generator: torch.Generator | None, guidance: Guidance | None = None, eta: float = 0.0, *,
+           generator: torch.Generator | list[torch.Generator] | None, guidance: Guidance | None = None,
+           eta: float = 0.0, *,
            latents: torch.Tensor | None = None, start: float = 1.0) -> torch.Tensor:
     """Sample (B, C, h, w) clean latents, one per prompt: explicit CFG loop on the pipeline's σ grid.
 
-    `generator` draws the initial noise (unless `latents` is given) and the stochastic steps' noise (η > 0).
+    `generator` draws the initial noise (unless `latents` is given) and the stochastic steps' noise (η > 0); a list
+    of generators, one per sample, draws each sample's noise from its own (as the pipeline does), so a sample does
+    not depend on its batch.
     `guidance` (optional) returns the velocity and a correction at each step; η = 0 gives Euler steps.
     `start` < 1 continues `latents`, noisy at σ = start, on the grid's steps below it (a rollout from z_t).
     """
@@ -190,7 +193,7 @@ def sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: f
         raise ValueError(f"start must lie in (0, 1], got {start}")
     if start < 1 and latents is None:
         raise ValueError(f"start={start} continues given latents: pass the noisy latents at σ = start")
-    conditioning = encode(backbone, prompts, guidance_scale)
+    conditioning = encode_conditioning(backbone, prompts, guidance_scale)
     n = conditioning.batch
     if latents is None:
         z = initial_latents(backbone, n, generator)

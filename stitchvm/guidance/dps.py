@@ -2,10 +2,10 @@
 
 The Euler step `z' = z + (σ' - σ) u` with σ' < σ moves z by `(σ - σ') c_t ∇V`: it climbs V.
 
-- `DPSTweedie`: V = r(D(ẑ0(z_t))), ẑ0 = z_t - σ v_cfg(z_t). One batched CFG forward with autograd; its
+- `dps_tweedie`: V = r(D(ẑ0(z_t))), ẑ0 = z_t - σ v_cfg(z_t). One batched CFG forward with autograd; its
   (detached) output is also the velocity of the step, so guidance costs one backward through reward, VAE decoder
   and both CFG branches, and no extra forward.
-- `DPSStitchVM`: V = the stitched value model. Its input u_{≤i}(z_t, t, ∅) is the first i blocks of the
+- `dps_stitchvm`: V = the stitched value model. Its input u_{≤i}(z_t, t, ∅) is the first i blocks of the
   *unconditional* CFG branch, so these blocks run once, with autograd; the tokens feed the stitch + reward tail
   (value, backward through i blocks only) and, detached, the remaining blocks of the unconditional branch
   (no autograd). The conditional branch runs as usual under no_grad. A head on the prompt branch
@@ -22,27 +22,27 @@ import torch
 
 from stitchvm.models.backbone import Backbone
 from stitchvm.diffusion.flow import tweedie_z0
-from stitchvm.models.reward import ClipReward
+from stitchvm.models.reward import ClipReward, score_latents
 from stitchvm.diffusion.sampling import Conditioning, Guided, cfg_velocity, check_scale
 from stitchvm.value.model import StitchedValueModel
 
-Schedule = Callable[[float], float]
+ScaleSchedule = Callable[[float], float]
 
 
 # ---- schedules -------------------------------------------------------------------------------------------------
-def window(lo: float = 0.0, hi: float = 1.0) -> Schedule:
+def window(lo: float = 0.0, hi: float = 1.0) -> ScaleSchedule:
     """1 for σ in [lo, hi], else 0 (guide only part of the trajectory)."""
     if not 0 <= lo <= hi <= 1:
         raise ValueError(f"window needs 0 <= lo <= hi <= 1, got lo={lo}, hi={hi}")
     return lambda s: 1.0 if lo <= s <= hi else 0.0
 
 
-def power(p: float) -> Schedule:
+def power(p: float) -> ScaleSchedule:
     """σ^p (p > 0 guides hardest at high noise, p < 0 at low noise; p = 0 constant)."""
     return lambda s: float(s) ** p if s > 0 else (1.0 if p == 0 else 0.0)
 
 
-def _coefficient(scale: float, schedule: Schedule | None, t: torch.Tensor) -> float:
+def _coefficient(scale: float, schedule: ScaleSchedule | None, t: torch.Tensor) -> float:
     s = float(t.reshape(-1)[0])
     factor = 1.0 if schedule is None else schedule(s)
     factor = check_scale(factor, f"the guidance schedule's value at t={s:.4g}")
@@ -55,25 +55,17 @@ class ValueGrad(NamedTuple):
     grad: torch.Tensor  # (B, C, H, W) ∇_{z_t} Σ_b V_b (each sample's gradient: samples are independent)
 
 
-def _prompt_text(reward: ClipReward, prompts: list[str], n: int) -> torch.Tensor | None:
-    if reward.spec.kind != "clip":
-        return None
-    if len(prompts) != n:
-        raise ValueError(f"a CLIP reward needs one prompt per latent: got {len(prompts)} prompts for {n} latents")
-    return reward.text_embeds(prompts)
-
-
 # ---- DPS-Tweedie -----------------------------------------------------------------------------------------------
 def tweedie_value_and_grad(backbone: Backbone, reward: ClipReward, z: torch.Tensor, t: torch.Tensor,
                            conditioning: Conditioning) -> ValueGrad:
     """∇_{z_t} r(D(ẑ0(z_t))) through the CFG velocity, the VAE decoder and the reward (one forward, one backward)."""
-    text = _prompt_text(reward, conditioning.prompts, z.shape[0])
+    if len(conditioning.prompts) != z.shape[0]:
+        raise ValueError(f"DPS-Tweedie needs one prompt per latent: got {len(conditioning.prompts)} prompts for "
+                         f"{z.shape[0]} latents")
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
         v = cfg_velocity(backbone, z_in, t, conditioning.cond, conditioning.uncond, conditioning.scale)
-        pixels = backbone.decode(tweedie_z0(z_in, t, v))
-        embeds, _ = reward.image_features(pixels)
-        value = reward.score(embeds, text.to(embeds.dtype) if text is not None else None)
+        value = score_latents(backbone, reward, tweedie_z0(z_in, t, v), conditioning.prompts)
         (grad,) = torch.autograd.grad(value.sum(), z_in)
     return ValueGrad(v.detach(), value.detach(), grad)
 
@@ -83,7 +75,7 @@ class DPS:
     step's velocity together with V and ∇V (one forward, one backward); c_t = scale · schedule(t). At c_t = 0 the step
     is the plain CFG step, exactly and at no extra cost."""
 
-    def __init__(self, value_and_grad: Callable[..., ValueGrad], scale: float, schedule: Schedule | None, name: str):
+    def __init__(self, value_and_grad: Callable[..., ValueGrad], scale: float, schedule: ScaleSchedule | None, name: str):
         self.value_and_grad = value_and_grad
         self.scale = check_scale(scale, f"{name} guidance scale")
         self.schedule = schedule
@@ -98,7 +90,7 @@ class DPS:
         return Guided(out.velocity, -c * out.grad, out.value)
 
 
-def DPSTweedie(reward: ClipReward, scale: float, schedule: Schedule | None = None) -> DPS:
+def dps_tweedie(reward: ClipReward, scale: float, schedule: ScaleSchedule | None = None) -> DPS:
     """DPS with the Tweedie reward estimate r(D(ẑ0)) (scales swept in the paper: 0.01–0.5)."""
     return DPS(lambda backbone, z, t, cond: tweedie_value_and_grad(backbone, reward, z, t, cond), scale, schedule,
                "DPS-Tweedie")
@@ -162,7 +154,7 @@ def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone,
     return ValueGrad(v, value.detach(), grad)
 
 
-def DPSStitchVM(value_model: StitchedValueModel, scale: float, schedule: Schedule | None = None) -> DPS:
+def dps_stitchvm(value_model: StitchedValueModel, scale: float, schedule: ScaleSchedule | None = None) -> DPS:
     """DPS with the stitched value model, its head shared with a CFG branch (paper scales: 0.5–7)."""
     return DPS(lambda backbone, z, t, cond: stitchvm_value_and_grad(value_model, backbone, z, t, cond), scale,
                schedule, "DPS-StitchVM")

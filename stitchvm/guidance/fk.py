@@ -16,8 +16,8 @@ import torch
 
 from stitchvm.models.backbone import Backbone
 from stitchvm.diffusion.flow import tweedie_z0
-from stitchvm.models.reward import ClipReward
-from stitchvm.diffusion.sampling import (cfg_velocity, check_eta, check_prompts, check_steps, encode, initial_latents, sample,
+from stitchvm.models.reward import ClipReward, score_latents
+from stitchvm.diffusion.sampling import (cfg_velocity, check_eta, check_prompts, check_steps, encode_conditioning, initial_latents, sample,
                        sde_step, timesteps)
 from stitchvm.value.model import StitchedValueModel
 
@@ -32,9 +32,7 @@ def tweedie_potential(backbone: Backbone, reward: ClipReward) -> Potential:
     """r(D(ẑ0)) with ẑ0 from the conditional velocity: one more transformer pass, a decode and a reward pass."""
     def potential(z, t, prompts):
         embeds, pooled = backbone.encode_prompts(prompts)
-        pixels = backbone.decode(tweedie_z0(z, t, backbone.velocity(z, t, embeds, pooled)))
-        text = reward.text_embeds(prompts) if reward.spec.kind == "clip" else None
-        return reward.score(reward.image_features(pixels)[0], text)
+        return score_latents(backbone, reward, tweedie_z0(z, t, backbone.velocity(z, t, embeds, pooled)), prompts)
     return potential
 
 
@@ -66,7 +64,7 @@ def fk_sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale
         raise ValueError(f"proposal_fraction and window must lie in [0, 1] (window lo <= hi), got "
                          f"{proposal_fraction} and {window}")
     expanded = [p for p in prompts for _ in range(particles)]
-    cond = encode(backbone, expanded, guidance_scale)
+    cond = encode_conditioning(backbone, expanded, guidance_scale)
     n = len(expanded)
     z = initial_latents(backbone, n, generator)
     sigmas = timesteps(backbone, steps, (z.shape[-2] // backbone.patch_size) * (z.shape[-1] // backbone.patch_size))
@@ -104,17 +102,8 @@ Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # clean latents (B, 
 
 
 def reward_scorer(backbone: Backbone, reward: ClipReward) -> Scorer:
-    """The true reward: the teacher on the decoded clean image, r(D(z0)) (with the prompt for a CLIP reward)."""
-    def score(z0, prompts):
-        embeds, _ = reward.image_features(backbone.decode(z0))
-        text = reward.text_embeds(prompts).to(embeds) if reward.spec.kind == "clip" else None
-        return reward.score(embeds, text)
-    return score
-
-
-def value_scorer(value_model: StitchedValueModel) -> Scorer:
-    """V at σ = 0 (no decode): selection by the value model instead of the reward."""
-    return lambda z0, prompts: value_model(z0, torch.zeros(z0.shape[0], device=z0.device, dtype=z0.dtype), prompts)
+    """The true reward r(D(z0), prompt) as a best-of-N score (`models.reward.score_latents`)."""
+    return lambda z0, prompts: score_latents(backbone, reward, z0, prompts)
 
 
 @torch.no_grad()

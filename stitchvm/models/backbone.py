@@ -5,11 +5,9 @@ gives pixels in [-1, 1]. Time `t ∈ [0, 1]` is σ; the transformer is fed `1000
 """
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -204,17 +202,6 @@ def _load_world(spec: ModelSpec, device) -> Backbone:
         t5_tokens=1,
     )
     return _freeze(backbone.to(device), dtype)
-
-
-def save_sd3_folder(backbone: Backbone, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """The standard SD3 folder layout (loads with a plain local-path `ModelSpec` and with diffusers)."""
-    path = Path(path)
-    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(backbone, name)
-        (module if dtype is None else copy.deepcopy(module).to(dtype)).save_pretrained(path / name)
-    backbone.scheduler.save_pretrained(path / "scheduler")
-    backbone.tokenizer.save_pretrained(path / "tokenizer")
-    backbone.tokenizer_2.save_pretrained(path / "tokenizer_2")
 
 
 def _freeze(backbone: Backbone, dtype: torch.dtype) -> Backbone:

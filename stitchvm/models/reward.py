@@ -4,6 +4,15 @@ Block indices are 1-based as in METHOD.md: `tokens_entering(x, j)` is r_{<j} (th
 `RewardTail(j)` is r_{≥j} (blocks j..L, final norm, projection). HF CLIP vision runs embeddings → pre_layrnorm →
 layers → post_layernorm(h[:, 0]) → visual_projection, so for j = 1 the tail owns `pre_layrnorm`.
 Preprocessing is done in torch so the reward is differentiable with respect to the pixels.
+
+The reward API, the one place that knows the reward kinds (clip: the prompt's text embedding enters the score;
+aesthetic: a scalar head on the image embedding, the prompt is ignored):
+- `ClipReward.prompt_embeds(prompts)`: what a score needs of the prompts (None for a prompt-free kind);
+- `ClipReward.score(image_embeds, text)` / `score_matrix` / `head_scores`: scores from embeddings;
+- `ClipReward.score_pixels(pixels, prompts)`: r(x, prompt), differentiable in the pixels;
+- `score_latents(backbone, reward, z0, prompts)`: r(D(z0), prompt), differentiable in z0;
+- `true_reward(backbone, reward, z0, prompts)`: the same in batches without autograd, the true reward every stage,
+  guidance method and trainer reports.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from stitchvm.models.backbone import DTYPES, fan_in_init_, seeded
+from stitchvm.models.backbone import DTYPES, Backbone, fan_in_init_, seeded
 from stitchvm.config import RewardSpec
 from stitchvm.models.presets import REWARD_PRESETS, is_preset, lookup
 from stitchvm.models.tokenizers import tiny_clip_tokenizer
@@ -142,6 +151,25 @@ class ClipReward(nn.Module):
                 self._text_cache[p] = e
         return torch.stack([self._text_cache[p] for p in prompts])
 
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the score depends on the prompt (a CLIP similarity) or not (an aesthetic head)."""
+        return self.spec.kind == "clip"
+
+    def prompt_embeds(self, prompts: list[str]) -> torch.Tensor | None:
+        """(K, E) what `score` needs of the prompts: their text embeddings, or None for a prompt-free reward."""
+        return self.text_embeds(prompts) if self.reads_prompt else None
+
+    def head_scores(self, image_embeds: torch.Tensor) -> torch.Tensor | None:
+        """(B,) the scalar head's scores of normalised image embeddings; None for a reward without a head."""
+        return None if self.head is None else self.head(image_embeds)
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B,) r(x, prompt) of (B, 3, H, W) pixels in [-1, 1]; differentiable in the pixels."""
+        embeds, _ = self.image_features(pixels)
+        text = self.prompt_embeds(prompts)
+        return self.score(embeds, None if text is None else text.to(embeds))
+
     def score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) reward from normalised image embeddings (B, E) and, for CLIP, the matching text embeddings (B, E)."""
         if self.spec.kind == "aesthetic":
@@ -155,6 +183,21 @@ class ClipReward(nn.Module):
         if self.spec.kind == "aesthetic":
             return self.head(image_embeds)[:, None].expand(-1, text_embeds.shape[0])
         return self.clip.logit_scale.exp() * image_embeds @ text_embeds.T
+
+
+def score_latents(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(B,) r(D(z0), prompt): the reward of the decoded clean latents; differentiable in z0 (DRaFT, DPS-Tweedie)."""
+    return reward.score_pixels(backbone.decode(z0), prompts)
+
+
+@torch.no_grad()
+def true_reward(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str],
+                batch_size: int = 16) -> torch.Tensor:
+    """(B,) float32 the true reward of clean latents (the teacher on the decoded image), in batches, no autograd."""
+    if len(prompts) != z0.shape[0]:
+        raise ValueError(f"true_reward: {z0.shape[0]} latents but {len(prompts)} prompts")
+    return torch.cat([score_latents(backbone, reward, z0[k:k + batch_size], prompts[k:k + batch_size]).float()
+                      for k in range(0, len(prompts), batch_size)])
 
 
 def build_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> ClipReward:

@@ -15,7 +15,7 @@ The bootstrap stages (`stitchvm/stages/world_*.py`) write, and the repository sh
 world there; the shipped one is never touched).
 
 `world:sd3` assembles a `Backbone` from these parts with the same classes `from_pretrained` loads for a real SD3
-folder (`backbone.save_sd3_folder` writes the standard layout for anyone who wants one folder).
+folder (`backbone.pipeline.save_pretrained(path)` writes the standard layout for anyone who wants one folder).
 """
 from __future__ import annotations
 

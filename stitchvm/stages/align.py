@@ -19,34 +19,33 @@ from pathlib import Path
 import torch
 
 from stitchvm.stages import plots
-from stitchvm.alignment.trainer import EvalSet, evaluate
+from stitchvm.alignment.trainer import PolicyEvalSet
 from stitchvm.config import AlignConfig, Params, to_dict
 from stitchvm.alignment.draft import train_draft
 from stitchvm.models.lora import TRAINED, LoraPolicy
 from stitchvm.alignment.nft import NFT_ADAPTERS, train_nft
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.runtime import Paths, models
-from stitchvm.stages.upstream import read_prompts, value_model_dir
+from stitchvm.stages.upstream import prompts_in_split, read_prompts, value_model_dir
 
 ADAPTER, SUMMARY = "adapter", "align/summary.json"
 GRID_COLUMNS = 8
 
 
-def split_prompts(storage, cfg: AlignConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, evaluation prompts) from `prompts.parquet`: train split; first `eval_prompts` of test."""
-    table = read_prompts(storage)
-    rows = list(zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()))
-    train = [p for p, s in rows if s == "train"]
-    test = [p for p, s in rows if s == "test"] or [p for p, s in rows if s == "val"] or train
+def split_prompts(table, cfg: AlignConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, evaluation prompts) of a `prompts.parquet` table: the train split; the first
+    `eval_prompts` of the test split (of val when test is empty, of train when both are)."""
+    train = prompts_in_split(table, "train")
+    test = prompts_in_split(table, "test") or prompts_in_split(table, "val") or train
     return train, test[:cfg.eval_prompts]
 
 
 def eval_adapter(cfg: AlignConfig) -> str:
-    """The adapter that is evaluated and saved: NFT's EMA weights when `eval_ema`, else the trained one."""
-    return "ema" if cfg.method.startswith("nft") and cfg.eval_ema else TRAINED
+    """The adapter that is evaluated and saved: NFT's EMA weights when `nft.eval_ema`, else the trained one."""
+    return "ema" if cfg.method.startswith("nft") and cfg.nft.eval_ema else TRAINED
 
 
-def train_adapter(params: Params, backbone, reward, train_prompts: list[str], evalset: EvalSet | None,
+def train_adapter(params: Params, backbone, reward, train_prompts: list[str], evalset: PolicyEvalSet | None,
                   value_model: StitchedValueModel | None, progress: bool = False, callback=None):
     """Build the LoRA policy and run `params.align.method`; returns (policy, history)."""
     cfg = params.align
@@ -64,19 +63,18 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     start = time.perf_counter()
     storage = paths.storage()
     backbone, reward = models(params)
-    train_prompts, eval_prompts = split_prompts(storage, cfg)
+    train_prompts, eval_prompts = split_prompts(read_prompts(storage), cfg)
     value_model = None
     if cfg.method.endswith("stitchvm"):
         value_model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                          device=backbone.device).eval()
-    evalset = EvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps,
+    evalset = PolicyEvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps,
                       cfg.eval_guidance_scale)
-    _, rewards_before, z_before = evaluate(backbone, reward, evalset, cfg.batch_size)  # the base model (no adapter)
     policy, history = train_adapter(params, backbone, reward, train_prompts, evalset, value_model, progress)
     adapter = eval_adapter(cfg)
-    with policy.use(adapter) as tuned:
-        reward_after, rewards_after, z_after = evaluate(tuned, reward, evalset, cfg.batch_size)
-    reward_before = history[0]["eval_reward"]
+    # the trainers evaluate the untrained adapter (the base model: LoRA starts at zero) first and `adapter` last
+    (rewards_before, z_before), (rewards_after, z_after) = evalset.results[0], evalset.results[-1]
+    reward_before, reward_after = history[0]["eval_reward"], history[-1]["eval_reward"]
     with tempfile.TemporaryDirectory(prefix="stitchvm-adapter-") as tmp:
         folder = policy.save(Path(tmp) / ADAPTER, adapter, metadata={"method": cfg.method, "updates": cfg.updates,
                                                                      "align": to_dict(cfg)})
@@ -115,33 +113,31 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
 
 def track_alignment(params: Params, history: list[dict], summary: dict, folder: Path, curve: bytes,
                     grid: bytes) -> dict:
-    from stitchvm import tracking  # mlflow is imported only where a run is tracked
+    from stitchvm.stages import tracking  # mlflow is imported only where a run is tracked
     from stitchvm.stages.train import flat_params
 
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, run_name=f"align-{params.align.method}",
                             tracking_uri=cfg.tracking_uri) as run:
-        import mlflow
-
-        mlflow.log_params(flat_params(params))
+        tracking.log_params(flat_params(params))
         tracking.log_history(history, prefix="align")
-        mlflow.log_metrics({f"align/{k}": summary[k] for k in ("reward_before", "reward_after", "reward_gain",
+        tracking.log_metrics({f"align/{k}": summary[k] for k in ("reward_before", "reward_after", "reward_gain",
                                                                "train_seconds", "sec_per_update", "sampling_s",
                                                                "reward_s", "update_s")})
         tracking.log_png(curve, "align_curve.png")
         tracking.log_png(grid, "align_grid.png")
-        mlflow.log_dict(summary, "align.json")
+        tracking.log_dict(summary, "align.json")
         version = tracking.log_adapter(folder, "adapter", registered_name=f"{cfg.registered_model}-adapter",
                                        alias="candidate",
                                        description=f"LoRA adapter ({params.align.method}) on {params.backbone.source}")
         return {"run_id": run.info.run_id, "model_version": str(version.version),
-                "registered_model": f"{cfg.registered_model}-adapter", "tracking_uri": mlflow.get_tracking_uri()}
+                "registered_model": f"{cfg.registered_model}-adapter", "tracking_uri": tracking.current_tracking_uri()}
 
 
 # ---- figures ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_grid(backbone, before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor],
-                evalset: EvalSet) -> bytes:
+                evalset: PolicyEvalSet) -> bytes:
     """Evaluation samples (same prompt and seed per column), each with its true reward: the base model (top row)
     and the adapter (bottom row)."""
     prompts, seeds = evalset.expanded()

@@ -76,15 +76,13 @@ def finish(stage: str, params: Params, paths: Paths, recipe, history: list[dict]
 
 
 def track(stage: str, params: Params, recipe, history: list[dict], summary: dict, curve: bytes) -> str:
-    from stitchvm import tracking  # mlflow is imported only where a run is tracked
+    from stitchvm.stages import tracking  # mlflow is imported only where a run is tracked
 
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, run_name=stage, tracking_uri=cfg.tracking_uri) as run:
-        import mlflow
-
-        mlflow.log_params({f"{stage}.{k}": v for k, v in to_dict(recipe).items()} | {"world.seed": params.world.seed})
+        tracking.log_params({f"{stage}.{k}": v for k, v in to_dict(recipe).items()} | {"world.seed": params.world.seed})
         tracking.log_history(history, prefix=stage)
-        mlflow.log_metrics({f"{stage}/{k}": float(v) for k, v in summary.items()
+        tracking.log_metrics({f"{stage}/{k}": float(v) for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tracking.log_png(curve, f"{stage}_curve.png")
         return run.info.run_id

@@ -13,12 +13,13 @@ import torch
 
 from stitchvm.stages import plots
 from stitchvm.config import Params
-from stitchvm.value.evaluation import EvalSet, evaluate
+from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model
 from stitchvm.value.monte_carlo import monte_carlo_value
 from stitchvm.data.storage import read_shards
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.stages.upstream import EVAL, read_prompts, read_split, read_train_summary, value_model_dir
+from stitchvm.stages.upstream import (EVAL, prompts_in_split, read_prompts, read_split, read_train_summary,
+                                      value_model_dir)
 
 
 def gate(report: dict, params: Params) -> dict:
@@ -52,7 +53,7 @@ def plot_rows(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def true_values(params: Params, backbone, reward, data: EvalSet, noisy: dict, progress: bool) -> tuple[dict, float]:
+def true_values(params: Params, backbone, reward, data: NoisyEvalSet, noisy: dict, progress: bool) -> tuple[dict, float]:
     """{σ: (N,) Monte Carlo value} at evaluate.mc_sigmas by rollouts of the sampler that drew the data; and seconds."""
     cfg = params.evaluate
     if cfg.mc_rollouts == 0:
@@ -70,18 +71,16 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
     z0, index, teacher, _ = read_split(storage, params, "test", labels=True)
-    prompts = read_prompts(storage)
-    test_prompts = [p for p, s in zip(prompts.column("prompt").to_pylist(), prompts.column("split").to_pylist())
-                    if s == "test"]
+    test_prompts = prompts_in_split(read_prompts(storage), "test")
     position = {p: k for k, p in enumerate(test_prompts)}
-    data = EvalSet(z0, torch.tensor([position[p] for p in index.column("prompt").to_pylist()]), test_prompts)
+    data = NoisyEvalSet(z0, torch.tensor([position[p] for p in index.column("prompt").to_pylist()]), test_prompts)
     noisy_t, noisy_index = read_shards(storage, EVAL, progress=False, hint=needs("noisy"))
     sigmas = noisy_index.column("sigma").to_pylist()
     noisy = {s: noisy_t["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])] for s in dict.fromkeys(sigmas)}
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device)
     values, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
-    report = evaluate(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,
+    report = evaluate_value_model(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,
                       teacher=teacher, progress=progress, true_values=values)
     if values:
         report["monte_carlo"] = {"rollouts": params.evaluate.mc_rollouts, "sigmas": sorted(values),
@@ -106,11 +105,9 @@ def track_evaluation(params: Params, storage, report: dict, png: bytes) -> dict:
         return {"logged": False, "reason": "the train stage ran without MLflow tracking"}
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, tracking_uri=cfg.tracking_uri, run_id=summary["run_id"]):
-        import mlflow
-
-        mlflow.log_metrics({f"eval/{r['method']}/sigma_{r['sigma']}/{k}": v for r in report["eval"]
+        tracking.log_metrics({f"eval/{r['method']}/sigma_{r['sigma']}/{k}": v for r in report["eval"]
                             for k, v in r.items() if k not in ("sigma", "method") and isinstance(v, float)})
-        mlflow.log_dict(report, "eval.json")
+        tracking.log_dict(report, "eval.json")
         tracking.log_png(png, "eval.png")
     out = {"logged": True, "run_id": summary["run_id"], "model_version": summary["model_version"], "champion": False}
     if report["gate"]["passed"]:

@@ -14,13 +14,15 @@ import json
 
 import torch
 
-from stitchvm.stages import plots
-from stitchvm.benchmarks.guidance import MethodRun, device_name, format_table, run_method
 from stitchvm.config import Params, to_dict
+from stitchvm.guidance.methods import MethodRun, run_method
+from stitchvm.profiling import device_name
+from stitchvm.stages import plots
 from stitchvm.stages.plots import image_grid
-from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.runtime import Paths, models
-from stitchvm.stages.upstream import read_prompts, read_train_summary, value_model_dir
+from stitchvm.stages.tables import format_cell, format_table
+from stitchvm.stages.upstream import prompts_in_split, read_prompts, read_train_summary, value_model_dir
+from stitchvm.value.model import StitchedValueModel
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     cfg = params.guidance
@@ -28,9 +30,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     backbone, reward = models(params)
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device).eval()
-    table = read_prompts(storage)
-    prompts = [p for p, s in zip(table.column("prompt").to_pylist(), table.column("split").to_pylist())
-               if s == "test"][:cfg.prompts]
+    prompts = prompts_in_split(read_prompts(storage), "test")[:cfg.prompts]
     runs: dict[str, MethodRun] = {}
     for method in cfg.methods:
         if progress:
@@ -58,7 +58,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
               "prompts": prompts, "config": to_dict(cfg), "rows": rows, "grids": files}
     (paths.reports / "guidance.json").write_text(json.dumps(report, indent=2))
     files["guidance.json"] = str(paths.reports / "guidance.json")
-    summary = {"rows": rows, "table": format_table(report), "report": files["guidance.json"],
+    summary = {"rows": rows, "table": format_report(report), "report": files["guidance.json"],
                "grid": files["guidance.png"], "grids": {k: v for k, v in files.items() if k.startswith("guidance/")},
                "pair": {"i": model.i, "j": model.j}, "device": report["device"],
                "reward_mean": {r["method"]: r["reward_mean"] for r in rows},
@@ -94,3 +94,15 @@ def track_guidance(params: Params, storage, report: dict, pngs: dict[str, bytes]
     run_id = tracking.log_report(cfg.experiment, report, "guidance.json", pngs, metrics, run_id=run_id,
                                  run_name="guidance", tracking_uri=cfg.tracking_uri)
     return {"logged": True, "run_id": run_id}
+
+
+def format_report(report: dict) -> str:
+    """The guidance table of a report (this stage's or `bench guidance`'s): one row per method."""
+    columns = ("method", "resolution", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std",
+               "tflops_per_step", "saved_activation_gb")
+    lines = [f"bench guidance: profile {report['profile']} on {report['device']}", format_table(report["rows"], columns)]
+    for res, r in report.get("ratios", {}).items():
+        lines.append(f"{res}²: Tweedie/StitchVM FLOPs {r['tweedie_over_stitchvm_flops']:.3g}, StitchVM/unguided "
+                     f"FLOPs {r['stitchvm_over_unguided_flops']:.3g}, StitchVM/Tweedie saved activations "
+                     f"{format_cell(r['stitchvm_over_tweedie_saved'])}")
+    return "\n".join(lines)

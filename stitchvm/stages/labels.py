@@ -6,7 +6,7 @@ regresses onto, whatever j the search picks) and the scalar score for the sample
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.config import Params
 from stitchvm.value.training import teacher_targets
@@ -29,11 +29,8 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
             raise FileNotFoundError(f"{storage.path(SAMPLES)} has no shard {shard}: {needs('samples')}")
         target = teacher_targets(backbone, reward, tensors["latents"], params.evaluate.batch_size)
         with torch.no_grad():
-            if reward.spec.kind == "clip":
-                text = reward.text_embeds(index.column("prompt").to_pylist()).to(target.embeds.device)
-                score = reward.score(target.embeds, text)
-            else:
-                score = target.scores
+            text = reward.prompt_embeds(index.column("prompt").to_pylist())
+            score = target.scores if text is None else reward.score(target.embeds, text.to(target.embeds.device))
         labels = {"embeds": target.embeds, "tokens": target.tokens, "score": score.float().cpu()}
         write_shard(storage, LABELS, shard, labels, index.select(["sample_id", "prompt_id", "split"]),
                     index.column("row")[0].as_py())

@@ -10,10 +10,9 @@ import torch
 from stitchvm.config import Params
 from stitchvm.data.image_folder import read_metadata
 from stitchvm.stages.runtime import Paths
-from stitchvm.stages.upstream import PROMPTS
+from stitchvm.stages.upstream import PROMPTS, prompts_in_split
+from stitchvm.world.scenes import COLOURS, SHAPES
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-SHAPES = ("square", "circle", "triangle")
 # A built-in list suited to CLIP-style rewards: attribute-object captions of simple scenes.
 BUILTIN = tuple(f"a {c} {s}" for c in COLOURS for s in SHAPES)
 
@@ -49,10 +48,15 @@ def split_prompts(prompts: list[str], train: int, val: int, test: int, seed: int
                      "prompt": [prompts[k] for k in order], "split": splits})
 
 
-def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+def prompt_table(params: Params) -> pa.Table:
+    """The table this stage writes, computed from params alone (benchmarks use it without a pipeline run)."""
     p = params.prompts
-    table = split_prompts(read_source(p.source), p.train, p.val, p.test, params.seed)
+    return split_prompts(read_source(p.source), p.train, p.val, p.test, params.seed)
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    table = prompt_table(params)
     storage = paths.storage()
     storage.write_table(PROMPTS, table)
     return {"path": storage.path(PROMPTS), "rows": table.num_rows,
-            "splits": {s: table.column("split").to_pylist().count(s) for s in ("train", "val", "test")}}
+            "splits": {s: len(prompts_in_split(table, s)) for s in ("train", "val", "test")}}

@@ -1,7 +1,8 @@
 """Stage `samples`: N clean latents per prompt → safetensors shards + Parquet index (`--shards` runs a subset).
 
-`pipeline`: the backbone's own flow-matching Euler sampler with CFG, one seeded generator per sample, so a sample
-does not depend on how samples are batched or sharded. `images`: the k-th image (sorted by file name) of the sample's
+`pipeline`: the backbone's flow-matching Euler sampler with CFG (`diffusion.sampling.sample`, the one sampler every
+caller uses; it reproduces the SD3 pipeline's loop), one seeded generator per sample, so a sample does not depend on
+how samples are batched or sharded. `images`: the k-th image (sorted by file name) of the sample's
 caption in an image folder, VAE-encoded. `smooth`: smooth latent fields (the random-weight testbed).
 """
 from __future__ import annotations
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.models.backbone import Backbone
 from stitchvm.config import Params
 from stitchvm.data.image_folder import images_by_text, load_image
 from stitchvm.data.latent_fields import smooth_latents
 from stitchvm.data.storage import shard_complete, write_shard
+from stitchvm.diffusion.sampling import sample
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.upstream import SAMPLES, num_shards, read_prompts
 
@@ -50,18 +52,12 @@ def generate(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor
                           for s in seeds])
     if cfg.source == "images":
         return encode_folder_images(backbone, rows, params)
-    pipe = backbone.pipeline
-    pipe.set_progress_bar_config(disable=True)
     prompts = rows.column("prompt").to_pylist()
     out = []
     for start in range(0, len(seeds), cfg.batch_size):
         batch = slice(start, start + cfg.batch_size)
         gens = [torch.Generator(backbone.device).manual_seed(s) for s in seeds[batch]]
-        with torch.no_grad():
-            latents = pipe(prompt=prompts[batch], num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                           generator=gens, height=backbone.image_size, width=backbone.image_size,
-                           max_sequence_length=backbone.t5_tokens, output_type="latent").images
-        out.append(latents.float().cpu())
+        out.append(sample(backbone, prompts[batch], cfg.steps, cfg.guidance_scale, gens).float().cpu())
     return torch.cat(out)
 
 

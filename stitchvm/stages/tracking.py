@@ -222,6 +222,25 @@ def history_metrics(history: list[dict], prefix: str, timestamp_ms: int) -> list
     return metrics
 
 
+def log_params(params: dict) -> None:
+    """Log flat `{name: value}` params to the active run."""
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    """Log `{name: value}` metrics to the active run."""
+    mlflow.log_metrics(metrics)
+
+
+def log_dict(data: dict, name: str) -> None:
+    """Log a JSON-serialisable dict as the artifact `name` of the active run."""
+    mlflow.log_dict(data, name)
+
+
+def current_tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
 def log_png(png: bytes, name: str) -> None:
     """Log PNG bytes as an artifact of the active run under `name`."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,18 +65,16 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
 
 
 def track_training(params: Params, model, history: list[dict], summary: dict, heatmap: bytes, curve: bytes) -> dict:
-    from stitchvm import tracking  # mlflow is imported only where a run is tracked
+    from stitchvm.stages import tracking  # mlflow is imported only where a run is tracked
 
     cfg = params.mlflow
     with tracking.start_run(cfg.experiment, run_name="train", tracking_uri=cfg.tracking_uri) as run:
-        import mlflow
-
-        mlflow.log_params(flat_params(params))
+        tracking.log_params(flat_params(params))
         tracking.log_history(history, prefix="train")
-        mlflow.log_metrics({"train/seconds": summary["seconds"], "train/samples_per_s": summary["samples_per_s"]})
+        tracking.log_metrics({"train/seconds": summary["seconds"], "train/samples_per_s": summary["samples_per_s"]})
         tracking.log_png(heatmap, "search_heatmap.png")
         tracking.log_png(curve, "training_curve.png")
         version = tracking.log_value_model(model, registered_name=cfg.registered_model, alias="candidate")
         return {"run_id": run.info.run_id, "model_version": str(version.version),
-                "tracking_uri": mlflow.get_tracking_uri()}
+                "tracking_uri": tracking.current_tracking_uri()}
 

@@ -34,6 +34,11 @@ def read_prompts(storage: Storage) -> pa.Table:
     return storage.read_table(PROMPTS, hint=needs("prompts"))
 
 
+def prompts_in_split(table: pa.Table, split: str) -> list[str]:
+    """The prompts of one split (train | val | test) of a `prompts.parquet` table, in prompt_id order."""
+    return [p for p, s in zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()) if s == split]
+
+
 def _rows_where(index: pa.Table, column: str, values) -> torch.Tensor:
     mask = pc.is_in(index.column(column), pa.array(values))
     return torch.tensor(pc.indices_nonzero(mask).to_pylist(), dtype=torch.long)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.models.backbone import Backbone
 from stitchvm.value.training import TeacherTargets, distillation_loss, teacher_targets, trivial_loss
@@ -27,7 +27,7 @@ Features = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tens
 
 
 @dataclass
-class EvalSet:
+class NoisyEvalSet:
     z0: torch.Tensor  # (N, C, H, W) clean latents
     prompt_ids: torch.Tensor  # (N,) index into prompts
     prompts: list[str]
@@ -60,19 +60,19 @@ def _batched(fn: Features, z_t, t, pid, batch_size: int, device) -> tuple[torch.
     return torch.cat([e.cpu() for e, _ in outs]), torch.cat([h.cpu() for _, h in outs])
 
 
-def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teacher_matrix, text, data: EvalSet,
+def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teacher_matrix, text, data: NoisyEvalSet,
              lambda_tok: float, true_values: torch.Tensor | None = None) -> dict:
     matrix = reward.score_matrix(embeds.to(text.device), text).cpu()  # (N, K)
     n = torch.arange(len(matrix))
     own, teacher_own = matrix[n, data.prompt_ids], teacher_matrix[n, data.prompt_ids]
-    pooled = (matrix, teacher_matrix) if reward.spec.kind == "clip" else (own, teacher_own)
+    pooled = (matrix, teacher_matrix) if reward.reads_prompt else (own, teacher_own)
     row = {
         "spearman": spearman(*pooled),
         "spearman_within_prompt": spearman_within_groups(own, teacher_own, data.prompt_ids),
         "pearson": pearson(*pooled),
         "distill_loss": distillation_loss(embeds, tokens, teacher, lambda_tok)["loss"].item(),
     }
-    if reward.spec.kind == "clip" and len(data.prompts) >= 2:
+    if reward.reads_prompt and len(data.prompts) >= 2:
         row["recall_at_1"] = recall_at_1(matrix, data.prompt_ids)
     if true_values is not None:
         row["spearman_within_prompt_vs_mc"] = spearman_within_groups(own, true_values, data.prompt_ids)
@@ -85,7 +85,7 @@ def noise_grid(z0: torch.Tensor, sigmas: tuple[float, ...], generator: torch.Gen
             for s in sigmas}
 
 
-def evaluate(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, data: EvalSet,
+def evaluate_value_model(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, data: NoisyEvalSet,
              noisy: dict[float, torch.Tensor], batch_size: int, lambda_tok: float = 1.0,
              teacher: TeacherTargets | None = None, progress: bool = True,
              true_values: dict[float, torch.Tensor] | None = None) -> dict:
@@ -130,12 +130,12 @@ def evaluate(model: StitchedValueModel, backbone: Backbone, reward: ClipReward, 
             rows.append({"sigma": float(sigma), "method": "monte-carlo", "spearman_within_prompt":
                          spearman_within_groups(true_values[sigma], teacher_own, data.prompt_ids)})
     report = {"eval": rows, "trivial_loss": trivial_loss(teacher, lambda_tok)}
-    if reward.spec.kind == "clip" and len(data.prompts) >= 2:
+    if reward.reads_prompt and len(data.prompts) >= 2:
         report["teacher_recall_at_1"] = recall_at_1(teacher_matrix, data.prompt_ids)
     return report
 
 
-def _cost(fn: Features, data: EvalSet, batch_size: int, device) -> dict:
+def _cost(fn: Features, data: NoisyEvalSet, batch_size: int, device) -> dict:
     """ms per evaluated latent and peak memory of one batch forward at σ = 0.5."""
     b = min(batch_size, len(data.z0))
     z_t = torch.randn((b, *data.z0.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device)

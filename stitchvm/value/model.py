@@ -89,12 +89,12 @@ class StitchedValueModel(nn.Module):
                         ) -> torch.Tensor:
         """V from head tokens u_{≤i} (guidance computes them once, shared with the CFG branch): (B,) values."""
         b = u.shape[0]
-        if self.reward_spec.kind == "clip" and (prompts is None or len(prompts) != b):
+        if self.reward.reads_prompt and (prompts is None or len(prompts) != b):
             raise ValueError(f"a CLIP value needs one prompt per latent: got {0 if prompts is None else len(prompts)} "
                              f"prompts for {b} latents")
         embeds, _ = self.embed_from_head(u, latent_hw)
-        text = self.reward.text_embeds(prompts).to(embeds.device) if self.reward_spec.kind == "clip" else None
-        return self.reward.score(embeds, text)
+        text = self.reward.prompt_embeds(prompts) if self.reward.reads_prompt else None
+        return self.reward.score(embeds, None if text is None else text.to(embeds.device))
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         """V(z_t, t, prompt): (B,) values on the reward's scale."""

@@ -9,11 +9,10 @@ can reach at that σ: the rest of the teacher's ranking is noise that z_t does n
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
-from stitchvm.alignment.trainer import true_reward
 from stitchvm.models.backbone import Backbone
-from stitchvm.models.reward import ClipReward
+from stitchvm.models.reward import ClipReward, true_reward
 from stitchvm.diffusion.sampling import check_eta, check_prompts, check_steps, sample
 
 

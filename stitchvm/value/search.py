@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.models.backbone import Backbone
 from stitchvm.value.head import BackboneHead

@@ -6,7 +6,6 @@ with t drawn logit-normal and z_t = (1 - t) z0 + t ε; the teacher sees the clea
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.models.backbone import Backbone
 from stitchvm.config import TrainConfig
+from stitchvm.lr_schedule import warmup_cosine
 from stitchvm.diffusion.flow import forward_noise, logit_normal
 from stitchvm.models.reward import ClipReward
 from stitchvm.value.model import StitchedValueModel
@@ -50,7 +50,8 @@ def teacher_targets(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, ba
         embeds.append(e.cpu())
         tokens.append(h.cpu())
     embeds = torch.cat(embeds)
-    scores = reward.head(embeds.to(reward.image_mean.device)).cpu() if reward.spec.kind == "aesthetic" else None
+    scores = reward.head_scores(embeds.to(reward.image_mean.device))
+    scores = None if scores is None else scores.cpu()
     return TeacherTargets(embeds, torch.cat(tokens), scores)
 
 
@@ -91,13 +92,7 @@ def build_optimizer(model: StitchedValueModel, cfg: TrainConfig) -> tuple[torch.
         [{"params": stitch, "lr": cfg.lr * cfg.stitch_lr_mult}, {"params": rest, "lr": cfg.lr}],
         weight_decay=cfg.weight_decay,
     )
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
+    factor = warmup_cosine(cfg.steps, cfg.warmup_steps, floor=0.1)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
@@ -149,7 +144,7 @@ def finetune(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTarget
     gen = torch.Generator().manual_seed(seed)
     ckpt = Checkpointer(checkpoint_dir)
     start = ckpt.restore(model, opt, sched, gen)
-    score_fn = model.reward.head if model.reward_spec.kind == "aesthetic" else None
+    score_fn = model.reward.head_scores if model.reward.head is not None else None
     params = model.trainable_parameters()
     history = []
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)

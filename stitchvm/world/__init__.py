@@ -1,4 +1,4 @@
-"""A small world whose models are pretrained by the project's own pipeline (issue 4).
+"""A small world whose models are pretrained by the project's own pipeline.
 
 - `scenes`: a procedural image–caption dataset (32×32 shapes with colour, count and position; captions in words).
 - `tokenizer`: OpenAI's CLIP BPE built offline, and the world's compact tokenizer (the BPE restricted to the grammar).

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.config import RewardSpec
 from stitchvm.value.ranking import spearman

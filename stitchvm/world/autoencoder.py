@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 
 from stitchvm.world import scenes
 from stitchvm.lr_schedule import warmup_cosine

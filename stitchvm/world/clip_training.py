@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from stitchvm.world import scenes

@@ -1,4 +1,4 @@
-"""Is the embedded world any good? Metrics of its pretrained models (issue 4).
+"""Is the embedded world any good? Metrics of its pretrained models.
 
 The headline metric is the **prompt-pair win rate** of the backbone under the world CLIP: sample images for prompts
 "a {colour} {shape}", score every sample against every prompt, and for each ordered pair (A, B), A ≠ B, count the
@@ -23,7 +23,7 @@ from stitchvm.world.aesthetic import image_property
 from stitchvm.world.autoencoder import psnr
 from stitchvm.world.clip_training import HELD_OUT_SEED, zero_shot_accuracy
 
-# the issue's check: "a {colour} {shape}" for every colour, the shapes cycling (each colour once, each shape ≥ 2×)
+# the win-rate check: "a {colour} {shape}" for every colour, the shapes cycling (each colour once, each shape ≥ 2×)
 WIN_RATE_PROMPTS = tuple(f"a {c} {scenes.SHAPES[k % 3]}" for k, c in enumerate(scenes.COLOURS))
 
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from tqdm.auto import tqdm
+from stitchvm.progress import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from stitchvm.models.backbone import Backbone, quiet_transformers
