@@ -12,15 +12,6 @@ from stitchvm.config import ModelSpec, RewardSpec
 from stitchvm.models.reward import build_reward
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
-def pytest_collection_modifyitems(config, items):
-    """Two lanes: `make test` (-m "not e2e": unit and integration tests on tiny models) and `make test-e2e` (-m e2e:
-    one end-to-end pass per front-end). `slow` is an alias of e2e, so a slow test never lands in the fast lane."""
-    for item in items:
-        if item.get_closest_marker("slow") and not item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.e2e)
-
-
 @pytest.fixture(scope="session")
 def backbone():
     return build_backbone(ModelSpec("tiny:sd3"))
