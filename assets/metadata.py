@@ -59,6 +59,8 @@ def shard_metadata(path: str, index: pa.Table, summary: dict, shard_size: int) -
         "shards": summary["shards"],
         "shards_written": len(summary["written"]),
         "shards_written_ids": MetadataValue.json(list(summary["written"])),
+        # shards that existed but were made by other params or inputs (or damaged), with the reason
+        "shards_rewritten": MetadataValue.json({str(k): v for k, v in summary.get("rewritten", {}).items()}),
         "shard_size": shard_size,
         "shard_table": md_table(shard_rows(index, summary["written"])),
     }

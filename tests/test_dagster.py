@@ -37,10 +37,10 @@ SMALL = {
 MODEL = "stitchvm-value"
 METADATA = {
     "prompts": {"dagster/row_count", "path", "splits", "preview"},
-    "samples": {"dagster/row_count", "path", "shards", "shards_written", "shards_written_ids", "shard_size",
-                "shard_table", "source", "latent_shape"},
-    "labels": {"dagster/row_count", "path", "shards", "shards_written", "shards_written_ids", "shard_size",
-               "shard_table", "reward", "tensor_shapes"},
+    "samples": {"dagster/row_count", "path", "shards", "shards_written", "shards_written_ids", "shards_rewritten",
+                "shard_size", "shard_table", "source", "latent_shape"},
+    "labels": {"dagster/row_count", "path", "shards", "shards_written", "shards_written_ids", "shards_rewritten",
+               "shard_size", "shard_table", "reward", "tensor_shapes"},
     "noisy": {"dagster/row_count", "probe_rows", "eval_rows", "sigmas", "probe_path", "eval_path"},
     "search": {"pair", "best_error", "pairs_searched", "path", "error_table", "heatmap"},
     "train": {"steps", "seconds", "samples_per_s", "first_loss", "final_loss", "pair", "path", "curve",
@@ -251,3 +251,26 @@ def test_the_dagster_cli_materializes_everything(env, tmp_path):
     assert json.loads((tmp_path / "reports" / "eval.json").read_text())["gate"]["passed"]
     assert MlflowClient(uri, registry_uri=uri).get_model_version_by_alias(MODEL, "champion").version is not None
     assert (tmp_path / "mlruns").is_dir()  # MLflow's artifacts went to the cwd, not the repository
+
+
+def test_changed_params_rewrite_stale_shards_in_dagster(tmp_path):
+    """A shard made by other params is not reused: after `seed` changes, materialising `samples` again rewrites
+    every shard (metadata says which and why), and materialising it once more writes nothing."""
+    from assets.data import prompts, samples
+
+    def materialise(seed: int) -> dict:
+        params = tmp_path / f"params{seed}.yaml"
+        params.write_text(yaml.safe_dump({"seed": seed, **{k: SMALL[k] for k in ("prompts", "samples")},
+                                          "storage": {**SMALL["storage"], "root": str(tmp_path / "data")}}))
+        result = materialize([prompts, samples], resources=resources(params, tmp_path),
+                             instance=DagsterInstance.ephemeral())
+        assert result.success
+        return result.asset_materializations_for_node("samples")[0].metadata
+
+    first = materialise(0)
+    assert first["shards_written"].value == 4 and first["shards_rewritten"].value == {}
+    changed = materialise(1)
+    assert changed["shards_written"].value == 4
+    assert set(changed["shards_rewritten"].value) == {"0", "1", "2", "3"}
+    assert all("made by other params" in why for why in changed["shards_rewritten"].value.values())
+    assert materialise(1)["shards_written"].value == 0

@@ -67,6 +67,39 @@ def test_samples_skip_complete_shards_and_redo_damaged_ones(tmp_path):
     assert stage("samples").run(params, paths, progress=False)["written"] == [2]
 
 
+def test_changed_params_rewrite_stale_samples_and_labels(tmp_path, caplog):
+    """A shard counts as written only when the params and inputs that made it are today's: after `samples.steps`
+    changes, every samples shard and (its input changed) every labels shard is written again, with a log line
+    saying why, and the result equals a fresh run at the new params."""
+    def params_at(root: Path, steps: int) -> Params:
+        return small_params(str(root), samples={"source": "pipeline", "per_prompt": 2, "steps": steps},
+                            storage={"root": str(root), "shard_size": 3})
+
+    def run_stages(params: Params) -> tuple[dict, dict]:
+        paths = Paths.from_params(params, track=False)
+        stage("prompts").run(params, paths)
+        return (stage("samples").run(params, paths, progress=False), stage("labels").run(params, paths, progress=False))
+
+    shared = tmp_path / "shared"
+    samples, labels = run_stages(params_at(shared, 2))
+    every = list(range(num_shards(params_at(shared, 2))))
+    assert samples["written"] == labels["written"] == every and samples["rewritten"] == labels["rewritten"] == {}
+    with caplog.at_level("WARNING"):
+        samples, labels = run_stages(params_at(shared, 3))
+    assert samples["written"] == labels["written"] == every
+    assert set(samples["rewritten"]) == set(labels["rewritten"]) == set(every)
+    assert all("made by other params or inputs" in why for why in [*samples["rewritten"].values(),
+                                                                    *labels["rewritten"].values()])
+    assert sum("writing shard" in r.getMessage() for r in caplog.records) == 2 * len(every)
+    assert run_stages(params_at(shared, 3))[0]["written"] == []  # up to date now
+    run_stages(params_at(tmp_path / "fresh", 3))
+    for name in ("samples", "labels"):
+        got = read_shards(open_root(str(shared)), name, progress=False)
+        want = read_shards(open_root(str(tmp_path / "fresh")), name, progress=False)
+        assert got[0].keys() == want[0].keys()
+        assert all(torch.equal(got[0][k], want[0][k]) for k in got[0])
+
+
 def test_pipeline_samples_do_not_depend_on_sharding(tmp_path):
     """One seeded generator per sample: the same sample comes out whatever the shard size or batch."""
     latents = []

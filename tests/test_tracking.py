@@ -122,6 +122,37 @@ def test_predict_rejects_bad_inputs_naming_the_key(logged, backbone):
         pyfunc.predict({**inputs, "prompts": inputs["prompts"][:2]})
 
 
+BAD_INPUTS = [  # (what is wrong, change to the good inputs, the message)
+    ("t above 1", lambda x: {**x, "t": np.array([0.1, 5.0, 0.9], np.float32)}, r"'t' must lie in \[0, 1\].*5"),
+    ("t below 0", lambda x: {**x, "t": np.array([-1.0, 0.5, 0.9], np.float32)}, r"'t' must lie in \[0, 1\]"),
+    ("NaN in t", lambda x: {**x, "t": np.array([np.nan, 0.5, 0.9], np.float32)}, r"'t' holds NaN or inf"),
+    ("NaN in latents", lambda x: {**x, "latents": np.where(np.arange(x["latents"].size).reshape(x["latents"].shape)
+                                                             == 7, np.nan, x["latents"]).astype(np.float32)},
+     r"'latents' holds 1 non-finite values"),
+    ("empty batch", lambda x: {k: v[:0] for k, v in x.items()}, r"the batch is empty"),
+    ("wrong channels", lambda x: {**x, "latents": x["latents"][:, :2]}, r"must have \d+ channels"),
+    ("odd grid", lambda x: {**x, "latents": x["latents"][..., :-1]}, r"H and W divisible by"),
+    ("grid too large", lambda x: {**x, "latents": np.tile(x["latents"], (1, 1, 40, 40))}, r"at most"),
+    ("strings as latents", lambda x: {**x, "latents": x["latents"].astype(str)}, r"'latents' must hold real numbers"),
+    ("numbers as prompts", lambda x: {**x, "prompts": np.arange(3)}, r"'prompts' must hold strings"),
+]
+
+
+@pytest.mark.parametrize("what, change, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_predict_refuses_nonsense_with_a_short_message(logged, backbone, what, change, message):
+    python_model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate").unwrap_python_model()
+    with pytest.raises(ValueError, match=message) as err:
+        python_model.predict(None, change(example_inputs(backbone)))
+    assert len(str(err.value)) < 200  # a message, not a dump of the array
+
+
+def test_predict_converts_float64_and_matches_float32(logged, backbone):
+    python_model = mlflow.pyfunc.load_model(f"models:/{NAME}@candidate").unwrap_python_model()
+    inputs = example_inputs(backbone)
+    wide = {**inputs, "latents": inputs["latents"].astype(np.float64), "t": inputs["t"].astype(np.float64)}
+    np.testing.assert_array_equal(python_model.predict(None, wide), python_model.predict(None, inputs))
+
+
 def test_log_history_writes_step_metrics(logged):
     history = [{"step": s, "loss": 1.0 / s, "lr": 1e-4 * s} for s in range(1, 6)]
     with tracking.start_run("value-model", run_name="history", tracking_uri=logged["uri"]) as run:

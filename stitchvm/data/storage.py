@@ -13,6 +13,10 @@ simply "not written yet". The index is the concatenation of all parts; `expected
 clearly, naming the missing shard ids, instead of quietly reading a partial set. Every shard's sha256 is in its
 part, so a truncated or corrupted shard is detected on read instead of being silently used, and re-running a
 stage skips shards whose bytes already match what it would write.
+
+A shard also records what made it: the writer's `fingerprint` (a digest of the params and upstream inputs that
+determine its contents) sits in its index part's Parquet metadata. A shard whose fingerprint differs from the one
+the stage would write now counts as not written (`shard_status` says why), so changed params never reuse stale data.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from stitchvm.progress import tqdm
 INDEX_DIR = "index"  # name/index/ holds one Parquet index part per shard
 PART_RE = re.compile(r"shard-(\d+)\.parquet$")
 RESERVED = ("row", "shard", "shard_row", "dtype", "shape", "sha256")
+FINGERPRINT_KEY = b"stitchvm.fingerprint"  # in an index part's schema metadata
+NOT_WRITTEN = "not written yet"  # `shard_status` of a shard without an index part
 
 
 class Storage:
@@ -169,13 +175,19 @@ def index_part(tensors: dict[str, torch.Tensor], rows: pa.Table, shard: int, fir
     })
 
 
+def fingerprint(what: dict) -> str:
+    """A short digest of JSON-serialisable inputs (params sections, upstream digests): what made a shard."""
+    return sha256(json.dumps(what, sort_keys=True, separators=(",", ":")).encode())[:16]
+
+
 def write_shard(storage: Storage, name: str, shard: int, tensors: dict[str, torch.Tensor], rows: pa.Table | dict,
-                first_row: int) -> pa.Table:
+                first_row: int, made_by: str | None = None) -> pa.Table:
     """Write `name/shard-NNNNN.safetensors`, then its index part `name/index/shard-NNNNN.parquet`; returns the part.
 
     Touches only this shard's two files, so separate processes (one per partition) can write a set in any order.
     The part comes second, so a crash in between leaves a shard that readers treat as not written; the re-run
-    skips the shard file when its bytes already match and just writes the missing part.
+    skips the shard file when its bytes already match and just writes the missing part. `made_by`: the shard's
+    fingerprint (see `fingerprint`), recorded in the part's metadata.
     """
     if shard < 0 or first_row < 0:
         raise ValueError(f"shard and first_row must be >= 0, got shard={shard}, first_row={first_row}")
@@ -186,6 +198,8 @@ def write_shard(storage: Storage, name: str, shard: int, tensors: dict[str, torc
     if existing_digest(storage, rel) != digest:
         storage.write_bytes_atomic(rel, data)
     part = index_part(tensors, rows, shard, first_row, digest)
+    if made_by is not None:
+        part = part.replace_schema_metadata({**(part.schema.metadata or {}), FINGERPRINT_KEY: made_by.encode()})
     storage.write_table(shard_index_name(name, shard), part)
     return part
 
@@ -214,16 +228,29 @@ def write_shards(storage: Storage, name: str, tensors: dict[str, torch.Tensor], 
     return pa.concat_tables(parts)
 
 
-def shard_complete(storage: Storage, name: str, shard: int) -> bool:
-    """Whether a shard is written and intact: its index part exists and the shard file's sha256 matches it.
+def shard_status(storage: Storage, name: str, shard: int, made_by: str | None = None) -> str | None:
+    """None when the shard is written, intact and (given `made_by`) made by that fingerprint; else why it is not:
+    not written yet, its bytes do not match its index, or it was made by other params or inputs.
 
-    Lets a partitioned stage skip its expensive work for done shards and redo a crashed or corrupted one.
+    Lets a partitioned stage skip its expensive work for done shards and redo a crashed, corrupted or stale one.
     """
     try:
         part = storage.read_table(shard_index_name(name, shard))
     except FileNotFoundError:
-        return False
-    return part.num_rows > 0 and existing_digest(storage, shard_name(name, shard)) == part.column("sha256")[0].as_py()
+        return NOT_WRITTEN
+    if part.num_rows == 0 or existing_digest(storage, shard_name(name, shard)) != part.column("sha256")[0].as_py():
+        return f"{storage.path(shard_name(name, shard))} is missing or does not match its index (sha256)"
+    if made_by is not None:
+        recorded = (part.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode() or "none"
+        if recorded != made_by:
+            return (f"{storage.path(shard_name(name, shard))} was made by other params or inputs (fingerprint "
+                    f"{recorded}, now {made_by})")
+    return None
+
+
+def shard_complete(storage: Storage, name: str, shard: int, made_by: str | None = None) -> bool:
+    """Whether a shard is written, intact and (given `made_by`) made by that fingerprint (see `shard_status`)."""
+    return shard_status(storage, name, shard, made_by) is None
 
 
 def index_parts(storage: Storage, name: str) -> list[int]:

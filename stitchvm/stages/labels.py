@@ -5,34 +5,58 @@ regresses onto, whatever j the search picks) and the scalar score for the sample
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from stitchvm.progress import tqdm
 
-from stitchvm.config import Params
+from stitchvm.config import Params, to_dict
 from stitchvm.value.training import teacher_targets
-from stitchvm.data.storage import read_shards, shard_complete, write_shard
+from stitchvm.data.storage import (NOT_WRITTEN, fingerprint, read_shards, shard_index_name, shard_status,
+                                   write_shard)
 from stitchvm.stages.runtime import Paths, models, needs
 from stitchvm.stages.upstream import LABELS, SAMPLES, num_shards
+
+log = logging.getLogger(__name__)
 
 
 def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
     todo = shards if shards is not None else range(num_shards(params))
-    written = []
+    written, stale = [], {}
     for shard in tqdm(todo, desc="labels", disable=not progress):
-        if shard_complete(storage, LABELS, shard):
+        samples_part = read_shard_index(storage, SAMPLES, shard)
+        fp = made_by(params, samples_part)
+        status = shard_status(storage, LABELS, shard, fp)
+        if status is None:
             continue
+        if status != NOT_WRITTEN:
+            stale[shard] = status
+            log.warning("labels: writing shard %d again: %s", shard, status)
         tensors, index = read_shards(storage, SAMPLES, shards=[shard], progress=False,
                                      hint=needs("samples"))
-        if index.num_rows == 0:
-            raise FileNotFoundError(f"{storage.path(SAMPLES)} has no shard {shard}: {needs('samples')}")
         target = teacher_targets(backbone, reward, tensors["latents"], params.evaluate.batch_size)
         with torch.no_grad():
             text = reward.prompt_embeds(index.column("prompt").to_pylist())
             score = target.scores if text is None else reward.score(target.embeds, text.to(target.embeds.device))
         labels = {"embeds": target.embeds, "tokens": target.tokens, "score": score.float().cpu()}
         write_shard(storage, LABELS, shard, labels, index.select(["sample_id", "prompt_id", "split"]),
-                    index.column("row")[0].as_py())
+                    index.column("row")[0].as_py(), fp)
         written.append(shard)
-    return {"path": storage.path(LABELS), "shards": num_shards(params), "written": written}
+    return {"path": storage.path(LABELS), "shards": num_shards(params), "written": written, "rewritten": stale}
+
+
+def made_by(params: Params, samples_part) -> str:
+    """The fingerprint of a labels shard: the teacher (reward and decoder), the batch it runs in, and the exact
+    samples shard it labels (its sha256)."""
+    return fingerprint({"backbone": to_dict(params.backbone), "reward": to_dict(params.reward),
+                        "batch_size": params.evaluate.batch_size, "samples": samples_part.column("sha256")[0].as_py()})
+
+
+def read_shard_index(storage, name: str, shard: int):
+    """The index part of one upstream shard; a missing one names the stage to run."""
+    try:
+        return storage.read_table(shard_index_name(name, shard))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{storage.path(name)} has no shard {shard}: {needs('samples')}") from None

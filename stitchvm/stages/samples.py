@@ -7,6 +7,7 @@ caption in an image folder, VAE-encoded. `smooth`: smooth latent fields (the ran
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,13 +15,15 @@ import torch
 from stitchvm.progress import tqdm
 
 from stitchvm.models.backbone import Backbone
-from stitchvm.config import Params
+from stitchvm.config import Params, to_dict
 from stitchvm.data.image_folder import images_by_text, load_image
 from stitchvm.data.latent_fields import smooth_latents
-from stitchvm.data.storage import shard_complete, write_shard
+from stitchvm.data.storage import NOT_WRITTEN, fingerprint, shard_status, write_shard
 from stitchvm.diffusion.sampling import sample
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.upstream import SAMPLES, num_shards, read_prompts
+
+log = logging.getLogger(__name__)
 
 
 def sample_seed(seed: int, sample_id: int) -> int:
@@ -61,19 +64,33 @@ def generate(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor
     return torch.cat(out)
 
 
+def made_by(params: Params, rows: pa.Table) -> str:
+    """The fingerprint of a samples shard: everything that decides its latents (the shard's own rows, prompts and
+    seeds, are in its index; `batch_size` is left out: one generator per sample makes it irrelevant)."""
+    cfg = {k: v for k, v in to_dict(params.samples).items() if k != "batch_size"}
+    return fingerprint({"backbone": to_dict(params.backbone), "samples": cfg,
+                        "rows": rows.select(["sample_id", "prompt", "seed"]).to_pydict()})
+
+
 def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:
     storage = paths.storage()
     rows = sample_rows(params, read_prompts(storage))
     size, todo = params.storage.shard_size, shards if shards is not None else range(num_shards(params))
     backbone, _ = models(params)
-    written = []
+    written, stale = [], {}
     for shard in tqdm(todo, desc="samples", disable=not progress):
-        if shard_complete(storage, SAMPLES, shard):
-            continue
         part = rows.slice(shard * size, size)
-        write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size)
+        fp = made_by(params, part)
+        status = shard_status(storage, SAMPLES, shard, fp)
+        if status is None:
+            continue
+        if status != NOT_WRITTEN:
+            stale[shard] = status
+            log.warning("samples: writing shard %d again: %s", shard, status)
+        write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size, fp)
         written.append(shard)
-    return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written}
+    return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written,
+            "rewritten": stale}
 
 
 def encode_folder_images(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor:

@@ -53,6 +53,7 @@ class ValueModelPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         """(B,) float32 values for a batch of noisy latents, their noise levels and their prompts."""
         latents, t, prompts = check_inputs(model_input)
+        check_latent_grid(self.model, latents.shape)
         device = next(self.model.stitch.parameters()).device
         with torch.no_grad():
             values = self.model(torch.as_tensor(latents, dtype=torch.float32, device=device),
@@ -82,7 +83,41 @@ def check_inputs(model_input) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len({s[0] for s in shapes.values()}) != 1:
         raise ValueError("inputs 'latents', 't' and 'prompts' must have the same batch size, got shapes "
                          + ", ".join(f"{k!r} {s}" for k, s in shapes.items()))
-    return arrays["latents"], arrays["t"], arrays["prompts"]
+    if shapes["t"][0] == 0:
+        raise ValueError("the batch is empty: give at least one latent, its t and its prompt")
+    latents, t = (_real_array(arrays[key], key) for key in ("latents", "t"))
+    bad = int((~np.isfinite(latents)).sum())
+    if bad:
+        raise ValueError(f"input 'latents' holds {bad} non-finite values (NaN or inf)")
+    if not np.isfinite(t).all():
+        raise ValueError("input 't' holds NaN or inf: give each latent's noise level in [0, 1]")
+    if ((t < 0) | (t > 1)).any():
+        raise ValueError(f"input 't' must lie in [0, 1] (0 clean, 1 pure noise), got {t.min():.4g} to {t.max():.4g}")
+    prompts = arrays["prompts"]
+    if not all(isinstance(p, str) for p in prompts.tolist()):
+        raise ValueError(f"input 'prompts' must hold strings, got dtype {prompts.dtype}")
+    return latents, t, prompts
+
+
+def _real_array(a: np.ndarray, key: str) -> np.ndarray:
+    """A float32 copy of a real-valued input (float64 and integer inputs convert; anything else is refused)."""
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"input {key!r} must hold real numbers (float32, float64 or integers), got dtype {a.dtype}")
+    return a.astype(np.float32, copy=False)
+
+
+def check_latent_grid(model: StitchedValueModel, shape: tuple[int, ...]) -> None:
+    """Latents the backbone head can read: its channels, a grid divisible by its patch size and within its
+    position-embedding table."""
+    embed = model.head.pos_embed
+    c, (h, w) = shape[1], shape[2:]
+    if c != latent_channels(model):
+        raise ValueError(f"input 'latents' must have {latent_channels(model)} channels (B, C, H, W), got shape "
+                         f"{tuple(shape)}")
+    p, most = embed.patch_size, (embed.pos_embed_max_size or 0) * embed.patch_size
+    if h % p or w % p or (most and (h > most or w > most)):
+        raise ValueError(f"input 'latents' must have H and W divisible by {p}" + (f" and at most {most}" if most else "")
+                         + f" (the backbone's latent grid), got shape {tuple(shape)}")
 
 
 def value_model_signature(latent_shape: tuple[int, int, int]) -> ModelSignature:
