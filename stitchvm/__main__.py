@@ -15,9 +15,12 @@ from stitchvm.stages import GRAPH, PARTITIONED, stage
 
 def _shards(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        shards = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shards takes comma-separated shard numbers, got {text!r}") from None
+    if not shards or min(shards) < 0:
+        raise argparse.ArgumentTypeError(f"--shards takes shard numbers >= 0, got {text!r}")
+    return shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ not three stages later.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,28 @@ def _check(ok: bool, reason: str) -> None:
         raise ValueError(reason)
 
 
+SOURCE_PREFIXES = ("world", "tiny", "arch")
+
+
+def _check_source(source: str) -> None:
+    """A model source that cannot be loaded fails here, when params load, not minutes later in a stage: a `name:`
+    source needs a known prefix, and a Hugging Face id needs the local cache when HF_HUB_OFFLINE is set."""
+    _check(bool(source), "source must not be empty")
+    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
+        return  # a local folder (a missing one is named by the model factory)
+    prefix, colon, _ = source.partition(":")
+    if colon:
+        _check(prefix in SOURCE_PREFIXES, f"source {source!r} is not a model source: use world:<name>, "
+               f"tiny:<preset>, arch:<preset>, a Hugging Face id (org/name) or a local folder")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cached = Path(HF_HUB_CACHE) / f"models--{source.replace('/', '--')}"
+        _check(cached.is_dir(), f"source {source!r} is neither a local folder nor in the Hugging Face cache "
+               f"({HF_HUB_CACHE}), and HF_HUB_OFFLINE forbids downloading it")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Where a diffusion backbone comes from.
@@ -37,7 +60,7 @@ class ModelSpec:
     dtype: str = "float32"
 
     def __post_init__(self):
-        _check(bool(self.source), "source must not be empty")
+        _check_source(self.source)
         _check(self.dtype in ("float32", "float16", "bfloat16"), f"dtype {self.dtype!r} is not float32/float16/bfloat16")
 
 
@@ -58,7 +81,7 @@ class RewardSpec:
     dtype: str = "float32"
 
     def __post_init__(self):
-        _check(bool(self.source), "source must not be empty")
+        _check_source(self.source)
         _check(self.kind in ("clip", "aesthetic"), f"kind {self.kind!r} is not 'clip' or 'aesthetic'")
         _check(self.kind != "aesthetic" or self.head is not None,
                "kind 'aesthetic' needs a head ('random', 'world' or a path)")
@@ -557,8 +580,12 @@ def load_params(path: str | Path) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     try:
         return from_dict(Params, data)
     except ConfigError as e:

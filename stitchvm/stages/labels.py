@@ -15,15 +15,15 @@ from stitchvm.value.training import teacher_targets
 from stitchvm.data.storage import (NOT_WRITTEN, fingerprint, read_shards, shard_index_name, shard_status,
                                    write_shard)
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.stages.upstream import LABELS, SAMPLES, num_shards
+from stitchvm.stages.upstream import LABELS, SAMPLES, num_shards, shards_to_run
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:
+    todo = shards_to_run(params, shards)
     storage = paths.storage()
     backbone, reward = models(params)
-    todo = shards if shards is not None else range(num_shards(params))
     written, stale = [], {}
     for shard in tqdm(todo, desc="labels", disable=not progress):
         samples_part = read_shard_index(storage, SAMPLES, shard)

@@ -21,7 +21,7 @@ from stitchvm.data.latent_fields import smooth_latents
 from stitchvm.data.storage import NOT_WRITTEN, fingerprint, shard_status, write_shard
 from stitchvm.diffusion.sampling import sample
 from stitchvm.stages.runtime import Paths, models
-from stitchvm.stages.upstream import SAMPLES, num_shards, read_prompts
+from stitchvm.stages.upstream import SAMPLES, num_shards, read_prompts, shards_to_run
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def made_by(params: Params, rows: pa.Table) -> str:
 
 
 def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:
+    todo = shards_to_run(params, shards)
     storage = paths.storage()
-    rows = sample_rows(params, read_prompts(storage))
-    size, todo = params.storage.shard_size, shards if shards is not None else range(num_shards(params))
+    rows, size = sample_rows(params, read_prompts(storage)), params.storage.shard_size
     backbone, _ = models(params)
     written, stale = [], {}
     for shard in tqdm(todo, desc="samples", disable=not progress):

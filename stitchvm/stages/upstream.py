@@ -30,6 +30,18 @@ def num_shards(params: Params) -> int:
     return -(-rows // params.storage.shard_size)
 
 
+def shards_to_run(params: Params, shards: list[int] | None) -> list[int]:
+    """The shards a sharded stage runs: all of them, or the given ones, which must exist."""
+    n = num_shards(params)
+    if shards is None:
+        return list(range(n))
+    bad = [s for s in shards if not 0 <= s < n]
+    if bad or not shards:
+        raise ValueError(f"shard {bad[0] if bad else '(none)'} does not exist: the set has shards 0..{n - 1} "
+                         f"(prompts × samples.per_prompt / storage.shard_size)")
+    return list(shards)
+
+
 def read_prompts(storage: Storage) -> pa.Table:
     return storage.read_table(PROMPTS, hint=needs("prompts"))
 
