@@ -92,6 +92,8 @@ def test_dvc_stages_call_the_library_and_name_real_files_and_params():
         for out in _paths(s.get("outs")) + _paths(s.get("metrics")):  # shared state stays out of DVC
             assert not any(_under(out, p) for p in ("mlflow.db", "mlruns", "checkpoints")), out
     assert _paths(stages["evaluate"]["metrics"]) == ["reports/eval.json"]
+    # the shipped world is never rebuilt by `dvc repro` (not even -f): only `make world` unfreezes its stages
+    assert {name for name, s in stages.items() if s.get("frozen")} == set(BOOTSTRAP)
     top = {k: v for e in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
            for k, v in ([(e, None)] if isinstance(e, str) else e.items())}
     assert top["reports/eval_plot.json"]["x"] == "sigma"
