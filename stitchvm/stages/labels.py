@@ -5,35 +5,26 @@ regresses onto, whatever j the search picks) and the scalar score for the sample
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 from stitchvm.progress import tqdm
 
 from stitchvm.config import Params, to_dict
 from stitchvm.value.training import teacher_targets
-from stitchvm.data.storage import (NOT_WRITTEN, fingerprint, read_shards, shard_index_name, shard_status,
-                                   write_shard)
+from stitchvm.data.storage import fingerprint, read_shards, shard_index_name, write_shard
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.stages.upstream import LABELS, SAMPLES, num_shards, shards_to_run
-
-log = logging.getLogger(__name__)
+from stitchvm.stages.upstream import LABELS, SAMPLES, must_write, num_shards, shards_to_run
 
 
 def run(params: Params, paths: Paths, shards: list[int] | None = None, progress: bool = True) -> dict:
     todo = shards_to_run(params, shards)
     storage = paths.storage()
     backbone, reward = models(params)
-    written, stale = [], {}
+    written, rewritten = [], {}
     for shard in tqdm(todo, desc="labels", disable=not progress):
-        samples_part = read_shard_index(storage, SAMPLES, shard)
-        fp = made_by(params, samples_part)
-        status = shard_status(storage, LABELS, shard, fp)
-        if status is None:
+        fp = made_by(params, read_shard_index(storage, SAMPLES, shard))
+        if not must_write(storage, LABELS, shard, fp, rewritten):
             continue
-        if status != NOT_WRITTEN:
-            stale[shard] = status
-            log.warning("labels: writing shard %d again: %s", shard, status)
         tensors, index = read_shards(storage, SAMPLES, shards=[shard], progress=False,
                                      hint=needs("samples"))
         target = teacher_targets(backbone, reward, tensors["latents"], params.evaluate.batch_size)
@@ -44,7 +35,7 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
         write_shard(storage, LABELS, shard, labels, index.select(["sample_id", "prompt_id", "split"]),
                     index.column("row")[0].as_py(), fp)
         written.append(shard)
-    return {"path": storage.path(LABELS), "shards": num_shards(params), "written": written, "rewritten": stale}
+    return {"path": storage.path(LABELS), "shards": num_shards(params), "written": written, "rewritten": rewritten}
 
 
 def made_by(params: Params, samples_part) -> str:

@@ -7,7 +7,6 @@ caption in an image folder, VAE-encoded. `smooth`: smooth latent fields (the ran
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,12 +17,10 @@ from stitchvm.models.backbone import Backbone
 from stitchvm.config import Params, to_dict
 from stitchvm.data.image_folder import images_by_text, load_image
 from stitchvm.data.latent_fields import smooth_latents
-from stitchvm.data.storage import NOT_WRITTEN, fingerprint, shard_status, write_shard
+from stitchvm.data.storage import fingerprint, write_shard
 from stitchvm.diffusion.sampling import sample
 from stitchvm.stages.runtime import Paths, models
-from stitchvm.stages.upstream import SAMPLES, num_shards, read_prompts, shards_to_run
-
-log = logging.getLogger(__name__)
+from stitchvm.stages.upstream import SAMPLES, must_write, num_shards, read_prompts, shards_to_run
 
 
 def sample_seed(seed: int, sample_id: int) -> int:
@@ -77,20 +74,16 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
     storage = paths.storage()
     rows, size = sample_rows(params, read_prompts(storage)), params.storage.shard_size
     backbone, _ = models(params)
-    written, stale = [], {}
+    written, rewritten = [], {}
     for shard in tqdm(todo, desc="samples", disable=not progress):
         part = rows.slice(shard * size, size)
         fp = made_by(params, part)
-        status = shard_status(storage, SAMPLES, shard, fp)
-        if status is None:
+        if not must_write(storage, SAMPLES, shard, fp, rewritten):
             continue
-        if status != NOT_WRITTEN:
-            stale[shard] = status
-            log.warning("samples: writing shard %d again: %s", shard, status)
         write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size, fp)
         written.append(shard)
     return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written,
-            "rewritten": stale}
+            "rewritten": rewritten}
 
 
 def encode_folder_images(backbone: Backbone, rows: pa.Table, params: Params) -> torch.Tensor:

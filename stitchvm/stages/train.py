@@ -1,4 +1,4 @@
-"""Stage `train`: finetune the stitched model from the search's initialisation; log and register it in MLflow."""
+"""Stage `train`: train_value_model the stitched model from the search's initialisation; log and register it in MLflow."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stitchvm.stages import plots
 from stitchvm.config import Params, to_dict
-from stitchvm.value.training import finetune
+from stitchvm.value.training import train_value_model
 from stitchvm.value.search import stitched_from_search
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
@@ -41,7 +41,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     inputs = hashlib.sha256(storage.read_bytes(f"{SEARCH}/init.safetensors")
                             + storage.read_bytes(f"{SEARCH}/result.json")).hexdigest()
     ckpt = checkpoint_dir(params, paths, inputs)
-    history = finetune(model, z0, targets, params.train, params.seed, ckpt, progress,
+    history = train_value_model(model, z0, targets, params.train, params.seed, ckpt, progress,
                        prompts=index.column("prompt").to_pylist())
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:

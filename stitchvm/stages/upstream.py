@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 from stitchvm.config import Params
 from stitchvm.value.training import TeacherTargets
 from stitchvm.value.search import SearchResult
-from stitchvm.data.storage import Storage, read_shards
+from stitchvm.data.storage import NOT_WRITTEN, Storage, read_shards, shard_status
 from stitchvm.stages.runtime import needs
 
 PROMPTS = "prompts.parquet"
@@ -21,6 +22,7 @@ SAMPLES, LABELS = "samples", "labels"
 PROBE, EVAL = "noisy/probe", "noisy/eval"
 SEARCH, VALUE_MODEL = "search", "value_model"
 TRAIN_SUMMARY = "train/summary.json"
+log = logging.getLogger(__name__)
 
 
 def num_shards(params: Params) -> int:
@@ -40,6 +42,16 @@ def shards_to_run(params: Params, shards: list[int] | None) -> list[int]:
         raise ValueError(f"shard {bad[0] if bad else '(none)'} does not exist: the set has shards 0..{n - 1} "
                          f"(prompts × samples.per_prompt / storage.shard_size)")
     return list(shards)
+
+
+def must_write(storage: Storage, name: str, shard: int, made_by: str, rewritten: dict[int, str]) -> bool:
+    """Whether a shard of a sharded stage must be written: not written yet, damaged, or made by other params or
+    inputs than `made_by`. A present shard written again is logged and recorded in `rewritten` with the reason."""
+    status = shard_status(storage, name, shard, made_by)
+    if status is not None and status != NOT_WRITTEN:
+        rewritten[shard] = status
+        log.warning("%s: writing shard %d again: %s", name, shard, status)
+    return status is not None
 
 
 def read_prompts(storage: Storage) -> pa.Table:

@@ -1,4 +1,4 @@
-"""Stage 2: finetune the stitched model onto the frozen teacher (off-policy distillation, no rollouts).
+"""Stage 2: train_value_model the stitched model onto the frozen teacher (off-policy distillation, no rollouts).
 
 L = ||ẽ_s - ẽ_t||² + λ_tok · mean_tokens ||h_s - h_t||² / D  [+ λ_sc · SmoothL1(head(ẽ_s), head(ẽ_t))]
 with t drawn logit-normal and z_t = (1 - t) z0 + t ε; the teacher sees the clean image D(z0).
@@ -128,7 +128,7 @@ class Checkpointer:
         return json.loads((last / "step.json").read_text())["step"]
 
 
-def finetune(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTargets, cfg: TrainConfig, seed: int,
+def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTargets, cfg: TrainConfig, seed: int,
              checkpoint_dir: str | Path | None = None, progress: bool = True,
              on_step: Callable[[dict], None] | None = None, prompts: list[str] | None = None) -> list[dict]:
     """Train `model` for `cfg.steps` steps (resuming from `checkpoint_dir/last` if present); returns the history.
@@ -147,7 +147,7 @@ def finetune(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTarget
     score_fn = model.reward.head_scores if model.reward.head is not None else None
     params = model.trainable_parameters()
     history = []
-    bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen)
         t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)

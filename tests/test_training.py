@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from stitchvm.config import TrainConfig
-from stitchvm.value.training import (TeacherTargets, build_optimizer, distillation_loss, finetune, teacher_targets,
+from stitchvm.value.training import (TeacherTargets, build_optimizer, distillation_loss, train_value_model, teacher_targets,
                               trivial_loss)
 from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model, noise_grid
 from stitchvm.diffusion.flow import forward_noise
@@ -73,7 +73,7 @@ def test_training_learns_the_value(backbone, reward):
 
     loss0, rank0 = loss_and_rank()
     cfg = TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup_steps=15, checkpoint_every=1000)
-    history = finetune(model, z_train, train_t, cfg, seed=0, progress=False)
+    history = train_value_model(model, z_train, train_t, cfg, seed=0, progress=False)
     loss1, rank1 = loss_and_rank()
     assert history[-1]["loss"] < history[0]["loss"]
     assert loss1 < trivial_loss(eval_t, 1.0) < loss0
@@ -85,7 +85,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, backbone, reward, gen):
     targets = teacher_targets(backbone, reward, z0, 8)
     cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3)
     full = StitchedValueModel(backbone, reward, 2, 1)
-    finetune(full, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "a", progress=False)
+    train_value_model(full, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "a", progress=False)
 
     class Crash(Exception):
         pass
@@ -96,10 +96,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, backbone, reward, gen):
 
     interrupted = StitchedValueModel(backbone, reward, 2, 1)
     with pytest.raises(Crash):
-        finetune(interrupted, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", on_step=crash_at_4,
+        train_value_model(interrupted, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", on_step=crash_at_4,
                  progress=False)
     resumed = StitchedValueModel(backbone, reward, 2, 1)  # a fresh process would start from init weights
-    history = finetune(resumed, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", progress=False)
+    history = train_value_model(resumed, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", progress=False)
     assert [r["step"] for r in history] == [4, 5, 6]
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -129,16 +129,16 @@ def test_tweedie_at_sigma_zero_is_the_teacher(backbone, reward, gen):
     assert row["spearman"] == pytest.approx(1.0) and row["distill_loss"] < 1e-9
 
 
-def test_finetune_feeds_each_latents_prompt_to_a_prompt_head(backbone, reward, gen):
+def test_training_feeds_each_latents_prompt_to_a_prompt_head(backbone, reward, gen):
     z0 = latents(backbone, 6, gen)
     targets = teacher_targets(backbone, reward, z0, 6)
     prompts = PROMPTS[:2] * 3
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=1, checkpoint_every=100)
     with pytest.raises(ValueError, match="needs one prompt per clean latent: got 0 for 6"):
-        finetune(StitchedValueModel(backbone, reward, 2, 1, context="prompt"), z0, targets, cfg, seed=0,
+        train_value_model(StitchedValueModel(backbone, reward, 2, 1, context="prompt"), z0, targets, cfg, seed=0,
                  progress=False)
     runs = {}
     for name, p in (("own", prompts), ("swapped", prompts[::-1]), ("again", prompts)):
         model = StitchedValueModel(backbone, reward, 2, 1, context="prompt")
-        runs[name] = finetune(model, z0, targets, cfg, seed=0, progress=False, prompts=p)[-1]["loss"]
+        runs[name] = train_value_model(model, z0, targets, cfg, seed=0, progress=False, prompts=p)[-1]["loss"]
     assert runs["own"] == runs["again"] and runs["own"] != runs["swapped"]  # the prompts reach the head
