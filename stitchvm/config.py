@@ -183,6 +183,9 @@ class TrainConfig:
     lambda_score: float = 1.0
     sigma_logit_mean: float = 0.0
     sigma_logit_std: float = 1.0
+    group_size: int = 1  # > 1: batches of same-prompt groups sharing t and noise (value/training.py)
+    lambda_rank: float = 0.0  # weight of the within-group ranking loss (needs group_size > 1)
+    rank_temperature: float = 1.0  # ListNet temperature, in reward units
     checkpoint_every: int = 500
 
     def __post_init__(self):
@@ -196,6 +199,11 @@ class TrainConfig:
         _check(self.lambda_tok >= 0 and self.lambda_score >= 0, "loss weights must be >= 0")
         _check(self.sigma_logit_std > 0, "sigma_logit_std must be > 0")
         _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        _check(self.group_size >= 1 and self.batch_size % self.group_size == 0,
+               f"group_size must be >= 1 and divide batch_size ({self.batch_size})")
+        _check(self.lambda_rank >= 0, "lambda_rank must be >= 0")
+        _check(self.lambda_rank == 0 or self.group_size > 1, "lambda_rank > 0 needs group_size > 1")
+        _check(self.rank_temperature > 0, "rank_temperature must be > 0")
 
 
 @dataclass(frozen=True)
@@ -420,6 +428,7 @@ class WorldConfig:
     vae: VaeTraining = field(default_factory=VaeTraining)
     backbone: FlowTraining = field(default_factory=FlowTraining)
     aesthetic: HeadTraining = field(default_factory=HeadTraining)
+    evaluator: HeadTraining = field(default_factory=lambda: HeadTraining(steps=1500, batch_size=128, lr=2e-3))
     report: WorldReportConfig = field(default_factory=WorldReportConfig)
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from stitchvm.config import TrainConfig
-from stitchvm.value.training import (TeacherTargets, build_optimizer, distillation_loss, train_value_model, teacher_targets,
-                              trivial_loss)
+from stitchvm.value.training import (TeacherTargets, build_optimizer, distillation_loss, grouped_batch, rank_loss,
+                                     teacher_targets, train_value_model, trivial_loss)
 from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model, noise_grid
 from stitchvm.diffusion.flow import forward_noise
 from stitchvm.data.latent_fields import round_robin_prompts, smooth_latents
@@ -119,6 +119,29 @@ def test_evaluation_rows_and_floor(backbone, reward, gen):
     assert report["trivial_loss"] > 0 and 0 <= report["teacher_recall_at_1"] <= 1
 
 
+def test_evaluation_by_category_restricts_to_each_categorys_prompts(backbone, reward, gen):
+    model = StitchedValueModel(backbone, reward, 2, 1)
+    z0 = latents(backbone, 12, gen)
+    ids = round_robin_prompts(3, 4)
+    data = NoisyEvalSet(z0, ids, PROMPTS[:3], ["counting", "colors", "counting"])
+    noisy = noise_grid(z0, (0.5,), gen)
+    mc = {0.5: torch.randn(12, generator=gen)}
+    report = evaluate_value_model(model, backbone, reward, data, noisy, batch_size=6, progress=False, true_values=mc)
+    section = report["by_category"]
+    assert set(section) == {"counting", "colors"} and set(section["colors"]) == {"stitchvm", "tweedie", "monte-carlo"}
+    # one category alone: its rows equal an evaluation of that category's prompts only
+    keep = ids == 1
+    alone = evaluate_value_model(model, backbone, reward, NoisyEvalSet(z0[keep], torch.zeros(4, dtype=torch.long),
+                                                                       PROMPTS[1:2]),
+                                 {0.5: noisy[0.5][keep]}, batch_size=6, progress=False, true_values={0.5: mc[0.5][keep]})
+    row = next(r for r in alone["eval"] if r["method"] == "tweedie")
+    got = section["colors"]["tweedie"]["sigma_0.5"]
+    assert got["spearman_within_prompt_vs_mc"] == pytest.approx(row["spearman_within_prompt_vs_mc"])
+    assert got["spearman_within_prompt"] == pytest.approx(row["spearman_within_prompt"])
+    with pytest.raises(ValueError, match="2 categories for 3 prompts"):
+        NoisyEvalSet(z0, ids, PROMPTS[:3], ["a", "b"])
+
+
 def test_tweedie_at_sigma_zero_is_the_teacher(backbone, reward, gen):
     """At σ = 0, ẑ0 = z0 exactly, so the Tweedie baseline must reproduce the teacher perfectly."""
     model = StitchedValueModel(backbone, reward, 2, 1)
@@ -142,3 +165,36 @@ def test_training_feeds_each_latents_prompt_to_a_prompt_head(backbone, reward, g
         model = StitchedValueModel(backbone, reward, 2, 1, context="prompt")
         runs[name] = train_value_model(model, z0, targets, cfg, seed=0, progress=False, prompts=p)[-1]["loss"]
     assert runs["own"] == runs["again"] and runs["own"] != runs["swapped"]  # the prompts reach the head
+
+
+def test_rank_loss_matches_a_float64_listnet():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(12, generator=g), torch.randn(12, generator=g) * 3
+    got = rank_loss(s, t, group_size=4, temperature=0.5)
+    s64, t64 = s.double().view(3, 4) / 0.5, t.double().view(3, 4) / 0.5
+    p, q = torch.softmax(t64, -1), torch.softmax(s64, -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert rank_loss(t, t, 4, 0.5).item() == pytest.approx(0.0, abs=1e-6)
+    # ranking-only: shifting a group's scores by a constant changes nothing
+    shifted = s + torch.arange(3).repeat_interleave(4) * 10.0
+    assert rank_loss(shifted, t, 4, 0.5).item() == pytest.approx(got.item(), rel=1e-4)
+
+
+def test_grouped_batches_share_prompt_time_and_noise(backbone, reward, gen):
+    z0 = latents(backbone, 12, gen)
+    targets = teacher_targets(backbone, reward, z0, 12)
+    prompts = [PROMPTS[k % 3] for k in range(12)]
+    group_of = torch.tensor([k % 3 for k in range(12)])
+    members = [torch.nonzero(group_of == k).squeeze(1) for k in range(3)]
+    idx = grouped_batch(group_of, members, 8, 4, torch.Generator().manual_seed(0))
+    assert idx.shape == (8,) and all(len(set(group_of[idx[k:k + 4]].tolist())) == 1 for k in (0, 4))
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=100, group_size=4,
+                      lambda_rank=1.0)
+    history = train_value_model(StitchedValueModel(backbone, reward, 2, 1), z0, targets, cfg, seed=0,
+                                progress=False, prompts=prompts)
+    assert all(r["rank"] >= 0 and r["loss"] > r["embed"] for r in history)
+    with pytest.raises(ValueError, match="groups latents by prompt"):
+        train_value_model(StitchedValueModel(backbone, reward, 2, 1), z0, targets, cfg, seed=0, progress=False)
+    with pytest.raises(ValueError, match="group_size must be >= 1 and divide batch_size"):
+        TrainConfig(batch_size=8, group_size=3)

@@ -21,82 +21,118 @@ def scene_batch(n, seed, **kw):
 
 def test_scenes_are_deterministic_under_the_generator():
     a, b, c = scene_batch(64, 7), scene_batch(64, 7), scene_batch(64, 8)
-    assert torch.equal(a[0], b[0]) and a[1] == b[1]
-    assert all(torch.equal(a[2][k], b[2][k]) for k in scenes.ATTRIBUTES)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and torch.equal(a[2], b[2])
     assert not torch.equal(a[0], c[0])
     px = a[0]
     assert px.shape == (64, 3, 32, 32) and px.dtype == torch.float32 and px.min() >= -1 and px.max() <= 1
+    assert a[2].shape == (64, 2, 4) and a[2].dtype == torch.long
 
 
-def test_scenes_cover_every_attribute_value():
-    _, _, attrs = scene_batch(2000, 0)
-    for name, vocab in scenes.VOCABULARIES.items():
-        assert set(attrs[name].tolist()) == set(range(len(vocab))), name
+def test_scenes_cover_every_attribute_value_and_layout():
+    _, _, scene = scene_batch(2000, 0)
+    for k, (name, vocab) in enumerate(scenes.VOCABULARIES.items()):
+        assert set(scene[:, 0, k].tolist()) == set(range(len(vocab))), name
+    pair = scene[:, 1, 0] >= 0
+    assert 0.45 < pair.float().mean() < 0.55
+    assert (scene[~pair, 1] == -1).all() and (scene[pair, 1] >= 0).all()
+    # two groups sit left + right or top + bottom, the first group left / top
+    assert set(map(tuple, scene[pair][:, :, 3].tolist())) == {(0, 1), (2, 3)}
+
+
+def _centre_of(mask):
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    return xs.float().mean() + 0.5, ys.float().mean() + 0.5
 
 
 def test_pixels_agree_with_the_caption():
+    """Colour, count and position of every group, read back from the pixels of single- and two-group scenes."""
     ndimage = pytest.importorskip("scipy.ndimage")
     n = 600
-    pixels, captions, attrs, masks = scene_batch(n, 3, with_masks=True)
+    pixels, captions, scene, masks = scene_batch(n, 3, with_masks=True)
     rgb = (pixels + 1) / 2
-    inside = masks > 0.99
-    # colour: the mean colour inside the shapes is nearest to the caption's palette colour
-    mean = (rgb * inside[:, None]).sum((2, 3)) / inside.sum((1, 2))[:, None]
-    assert torch.equal(torch.cdist(mean, scenes.PALETTE).argmin(1), attrs["colour"])
+    halves = {0: (slice(None), slice(0, 16)), 1: (slice(None), slice(16, 32)),
+              2: (slice(0, 16), slice(None)), 3: (slice(16, 32), slice(None)), 4: (slice(None), slice(None))}
     for k in range(n):
-        words = captions[k]
-        count, colour, shape, pos = (attrs[a][k].item() for a in scenes.ATTRIBUTES)
-        noun = (scenes.SHAPE_PLURALS if count else scenes.SHAPES)[shape]
-        assert words == f"{scenes.COUNTS[count]} {scenes.COLOURS[colour]} {noun} {scenes.POSITION_PHRASES[pos]}"
-        # count: separate objects; position: where the shapes' mass is
-        _, n_objects = ndimage.label((masks[k] > 0.5).numpy(), structure=[[1, 1, 1]] * 3)
-        assert n_objects == count + 1, (k, words)
-        ys, xs = torch.nonzero(masks[k] > 0.5, as_tuple=True)
-        cx, cy = xs.float().mean() + 0.5, ys.float().mean() + 0.5
-        expected = {"left": cx < 13, "right": cx > 19, "top": cy < 13, "bottom": cy > 19,
-                    "centre": (12 < cx < 20) and (12 < cy < 20)}[scenes.POSITIONS[pos]]
-        assert expected, (k, words, cx.item(), cy.item())
+        assert captions[k] == scenes.caption(scene[k])
+        for g in range(2):
+            count, colour, shape, pos = scene[k, g].tolist()
+            if count < 0:
+                continue
+            region = torch.zeros(32, 32, dtype=torch.bool)
+            region[halves[pos]] = True
+            mask = masks[k] * region
+            inside = mask > 0.99
+            mean = (rgb[k] * inside).sum((1, 2)) / inside.sum()
+            assert torch.cdist(mean[None], scenes.PALETTE).argmin().item() == colour, (k, captions[k])
+            _, n_objects = ndimage.label((mask > 0.5).numpy(), structure=[[1, 1, 1]] * 3)
+            assert n_objects == count + 1, (k, captions[k])
+            cx, cy = _centre_of(mask)
+            expected = {"left": cx < 13, "right": cx > 19, "top": cy < 13, "bottom": cy > 19,
+                        "centre": (12 < cx < 20) and (12 < cy < 20)}[scenes.POSITIONS[pos]]
+            assert expected, (k, captions[k], cx.item(), cy.item())
 
 
 def test_shapes_differ_in_the_pixels():
     """Same scene parameters, only the shape changed: each object's coverage differs by several pixels."""
-    _, _, attrs = scene_batch(200, 5)
-    u = torch.rand(200, 16, generator=torch.Generator().manual_seed(0))
+    _, _, scene = scene_batch(200, 5)
+    single = scene.clone()
+    single[:, 1] = -1
+    u = torch.rand(200, 2, 8, generator=torch.Generator().manual_seed(0))
     covs = []
     for k in range(len(scenes.SHAPES)):
-        attrs_k = dict(attrs, shape=torch.full_like(attrs["shape"], k))
-        covs.append(scenes._render(attrs_k, u, torch.zeros(200, 3, 2), torch.Generator().manual_seed(1))[1])
+        with_k = single.clone()
+        with_k[:, 0, scenes.SHAPE] = k
+        covs.append(scenes._group_coverage(with_k[:, 0], u[:, 0], torch.zeros(200, 4, 2)))
     for a in range(len(covs)):
         for b in range(a):
-            per_object = (covs[a] - covs[b]).abs().sum((1, 2)) / (attrs["count"] + 1)
-            assert per_object.min() > 3.0, (scenes.SHAPES[a], scenes.SHAPES[b], per_object.min())
+            per_object = (covs[a] - covs[b]).abs().sum((1, 2)) / (single[:, 0, 0] + 1)
+            assert per_object.min() > 2.5, (scenes.SHAPES[a], scenes.SHAPES[b], per_object.min())
 
 
 def test_vocabularies_match_the_builtin_prompts():
-    from stitchvm.stages.prompts import BUILTIN, COLOURS, SHAPES
+    from stitchvm.stages.prompts import SINGLE, read_source
 
-    assert scenes.COLOURS == COLOURS and set(scenes.SHAPES) == set(SHAPES)
-    words = {w for p in BUILTIN for w in p.split()}
+    words = {w for p in SINGLE for w in p.split()}
+    words |= {w for r in read_source("builtin") for w in r["prompt"].split()}
     assert words <= set(scenes.CAPTION_WORDS)
 
 
-def test_partial_captions_and_their_positives():
-    assert scenes.caption(1, 0, 1, 0) == "two red circles on the left"
-    assert scenes.caption(0, 0, 1, 4) == "one red circle in the centre"
-    assert scenes.caption(2, 3, 2, 2, mention=(False, True, True, False)) == "a yellow triangle"
-    assert scenes.caption(2, 3, 2, 2, mention=(True, False, False, True)) == "three shapes at the top"
-    assert scenes.caption(2, 3, 2, 2, mention=(False, False, True, False)) == "a triangle"
+def _satisfies_by_enumeration(spec, scene) -> bool:
+    """The definition, written out: an injective matching of the spec's groups to the scene's groups."""
+    wanted = [row for row in spec.tolist() if any(v >= 0 for v in row)]
+    present = [row for row in scene.tolist() if row[0] >= 0]
+    import itertools
+
+    for chosen in itertools.permutations(present, len(wanted)):
+        if all(all(w < 0 or w == v for w, v in zip(want, have)) for want, have in zip(wanted, chosen)):
+            return True
+    return False
+
+
+def test_captions_specs_and_satisfies():
+    assert scenes.caption([[1, 0, 1, 0], [-1] * 4]) == "two red circles on the left"
+    assert scenes.caption([[0, 0, 1, 4], [-1] * 4]) == "one red circle in the centre"
+    assert scenes.caption([[-1, 3, 2, -1], [-1] * 4]) == "a yellow triangle"
+    assert scenes.caption([[2, -1, -1, 2], [-1] * 4]) == "three shapes at the top"
+    assert scenes.caption([[-1, 0, 1, -1], [-1, 2, 0, -1]]) == "a red circle and a blue square"
+    assert scenes.caption([[3, -1, 0, 0], [-1, -1, 2, 1]]) == "four squares on the left and a triangle on the right"
     g = torch.Generator().manual_seed(0)
-    _, _, attrs = scenes.make_scenes(200, g)
-    mention = scenes.sample_mentions(200, g)
-    assert mention.any(1).all()
-    captions = scenes.captions_for(attrs, mention)
-    pos = scenes.consistency(attrs, mention)
-    assert pos.diagonal().all()
-    # caption i is true of scene j exactly when scene j, described with caption i's mentions, gives caption i
-    for i in range(0, 200, 7):
-        again = scenes.captions_for(attrs, mention[i].expand(200, 4))
-        assert pos[i].tolist() == [c == captions[i] for c in again]
+    _, _, scene = scenes.make_scenes(300, g)
+    specs = scenes.sample_specs(scene, g)
+    assert ((specs >= 0).any(-1)[:, 0]).all()  # the first row is never empty
+    negatives = scenes.hard_negatives(specs, g)
+    both = torch.cat([specs, negatives])
+    truth = scenes.satisfies(both, scene)
+    assert truth[:300].diagonal().all()
+    assert truth[300:].diagonal().float().mean() < 0.1  # edits are almost always false of their scene
+    assert torch.equal(scenes.satisfies_each(negatives, scene), truth[300:].diagonal())
+    for i in range(0, 600, 23):
+        for j in range(0, 300, 17):
+            assert truth[i, j].item() == _satisfies_by_enumeration(both[i], scene[j]), (i, j)
+    # a spec's caption is a function of the spec alone, and order-free specs are order-free
+    swapped = specs.flip(1)
+    two = (specs >= 0).any(-1).all(-1)
+    assert torch.equal(scenes.satisfies(swapped[two], scene), scenes.satisfies(specs[two], scene))
     for name in scenes.ATTRIBUTES:
         prompts = scenes.zero_shot_prompts(name)
         assert len(prompts) == len(scenes.VOCABULARIES[name]) == len(set(prompts))
@@ -161,7 +197,7 @@ def trained():
 
 @pytest.fixture(scope="module")
 def held_out():
-    return scene_batch(600, HELD_OUT_SEED)
+    return scenes.make_scenes(600, torch.Generator().manual_seed(HELD_OUT_SEED), two_groups=0.0)
 
 
 def test_short_training_learns(trained, held_out):

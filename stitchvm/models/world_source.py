@@ -25,7 +25,8 @@ from pathlib import Path
 SHIPPED = Path(__file__).resolve().parents[1] / "world" / "pretrained"
 WORLD_SOURCES = ("world:sd3", "world:clip")
 WRITERS = {"clip": "world_clip", "vae": "world_vae", "transformer": "world_backbone", "scheduler": "world_backbone",
-           "tokenizer": "world_backbone", "aesthetic.safetensors": "world_aesthetic"}  # part -> the stage writing it
+           "tokenizer": "world_backbone", "aesthetic.safetensors": "world_aesthetic",
+           "evaluator.safetensors": "world_evaluator"}  # part -> the stage writing it
 
 
 def world_dir() -> Path:

@@ -10,7 +10,8 @@ GRAPH: dict[str, tuple[str, ...]] = {
     "world_vae": (),
     "world_backbone": ("world_clip", "world_vae"),
     "world_aesthetic": ("world_clip",),
-    "world_report": ("world_clip", "world_vae", "world_backbone", "world_aesthetic"),
+    "world_evaluator": (),
+    "world_report": ("world_clip", "world_vae", "world_backbone", "world_aesthetic", "world_evaluator"),
     # the value-model pipeline (its models come from params; the world's edges are the `world:` sources)
     "prompts": (),
     "samples": ("prompts", "world_clip", "world_vae", "world_backbone"),

@@ -71,9 +71,13 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
     z0, index, teacher, _ = read_split(storage, params, "test", labels=True)
-    test_prompts = prompts_in_split(read_prompts(storage), "test")
+    table = read_prompts(storage)
+    test_prompts = prompts_in_split(table, "test")
+    category = dict(zip(table.column("prompt").to_pylist(), table.column("category").to_pylist())) \
+        if "category" in table.column_names else None
     position = {p: k for k, p in enumerate(test_prompts)}
-    data = NoisyEvalSet(z0, torch.tensor([position[p] for p in index.column("prompt").to_pylist()]), test_prompts)
+    data = NoisyEvalSet(z0, torch.tensor([position[p] for p in index.column("prompt").to_pylist()]), test_prompts,
+                        None if category is None else [category[p] for p in test_prompts])
     noisy_t, noisy_index = read_shards(storage, EVAL, progress=False, hint=needs("noisy"))
     sigmas = noisy_index.column("sigma").to_pylist()
     noisy = {s: noisy_t["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])] for s in dict.fromkeys(sigmas)}

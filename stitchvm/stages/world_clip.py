@@ -18,8 +18,9 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
         lr=recipe.lr, seed=params.world.seed, eval_every=max(1, recipe.steps // 5),
         n_eval=params.world.report.scenes)
     accuracy = history[-1]["zero_shot"]  # held-out scenes (HELD_OUT_SEED), evaluated at the last step
+    binding = history[-1]["binding"]
     with install("clip") as path:
         save_clip(model, tokenizer, path, torch.float16)
     summary = {"seconds": seconds, "final_loss": history[-1]["loss"], "bytes": weight_bytes(world_path("clip")),
-               **{f"zero_shot_{k}": v for k, v in accuracy.items()}}
+               **{f"zero_shot_{k}": v for k, v in accuracy.items()}, **{f"binding_{k}": v for k, v in binding.items()}}
     return finish("world_clip", params, paths, recipe, history, summary)

@@ -1,6 +1,8 @@
-"""Stage `world_report`: is the shipped world any good? The CLIP's zero-shot accuracy on held-out scenes, the VAE's
-round-trip PSNR, the backbone's prompt-pair win rate under the CLIP, the aesthetic head's Spearman, and a grid of
-samples (one row per prompt) -> reports/world.json and reports/world_samples.png."""
+"""Stage `world_report`: is the shipped world any good? The CLIP's zero-shot and binding accuracies on held-out
+scenes, the VAE's round-trip PSNR, the backbone's prompt-pair win rate under the CLIP, the aesthetic head's
+Spearman, and GenEval in miniature: the evaluator's accuracy per category on held-out renders and the backbone's
+unguided accuracy on the built-in test prompts -> reports/world.json; a grid of samples per category with the
+evaluator's verdict on each -> reports/world_samples.png."""
 from __future__ import annotations
 
 import json
@@ -11,11 +13,14 @@ from stitchvm.stages import plots
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, Params, RewardSpec
 from stitchvm.models.reward import build_reward
-from stitchvm.world.evaluation import WIN_RATE_PROMPTS, clip_scores, sample_pixels, world_report
+from stitchvm.models.world_source import world_path
+from stitchvm.world.evaluation import generator_accuracy, specs_by_category, world_report
+from stitchvm.world.evaluator import evaluator_accuracy, load_evaluator
+from stitchvm.world.prompt_set import CATEGORIES, prompt_set
 from stitchvm.stages.bootstrap import timed
 from stitchvm.stages.runtime import Paths
 
-GRID_COLUMNS = 6
+GRID_COLUMNS = 8
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
@@ -23,22 +28,36 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     backbone = build_backbone(ModelSpec("world:sd3"))
     reward = build_reward(RewardSpec("world:clip"))
     aesthetic = build_reward(RewardSpec("world:clip", kind="aesthetic", head="world"))
+    evaluator = load_evaluator(world_path("evaluator.safetensors"))
     report, seconds = timed(world_report, backbone, reward, aesthetic, per_prompt=cfg.per_prompt, steps=cfg.steps,
                             guidance_scale=cfg.guidance_scale, seed=params.world.seed, n_eval=cfg.scenes)
+    rows = prompt_set()
+    report = {k: round(v, 4) for k, v in report.items()}
+    report["evaluator_accuracy"] = {k: round(v, 4) for k, v in
+                                    evaluator_accuracy(evaluator, specs_by_category(rows), n=2 * cfg.scenes).items()}
+    test = [r for r in rows if r["split"] == "test"]
+    accuracy, pixels, correct = generator_accuracy(backbone, evaluator, test, cfg.per_prompt, params.samples.steps,
+                                                   params.samples.guidance_scale, params.world.seed)
+    report["generator_accuracy"] = {k: round(v, 4) for k, v in accuracy.items()}
+    report["generator_sampler"] = {"steps": params.samples.steps, "guidance_scale": params.samples.guidance_scale,
+                                   "per_prompt": cfg.per_prompt, "prompts": len(test)}
     paths.reports.mkdir(parents=True, exist_ok=True)
     grid = paths.reports / "world_samples.png"
-    grid.write_bytes(sample_grid(backbone, reward, cfg.steps, cfg.guidance_scale, params.world.seed))
-    report = {k: round(v, 4) for k, v in report.items()}
+    grid.write_bytes(verdict_grid(test, pixels, correct, cfg.per_prompt))
     (paths.reports / "world.json").write_text(json.dumps(report, indent=2) + "\n")
     return {**report, "seconds": seconds, "samples": str(grid)}
 
 
-@torch.no_grad()
-def sample_grid(backbone, reward, steps: int, guidance_scale: float, seed: int) -> bytes:
-    """One row per win-rate prompt: samples of the world backbone, each captioned with its CLIP score."""
-    prompts = list(WIN_RATE_PROMPTS)
-    pixels, labels = sample_pixels(backbone, prompts, GRID_COLUMNS, steps, guidance_scale, seed)
-    scores = clip_scores(reward, pixels, prompts)[torch.arange(len(labels)), labels]  # each with its own prompt
+def verdict_grid(rows: list[dict], pixels: torch.Tensor, correct: torch.Tensor, per_prompt: int,
+                 columns: int = GRID_COLUMNS) -> bytes:
+    """One row per category: samples of its first prompts (each tile captioned 1 / 0: the evaluator's verdict)."""
     images = plots.to_uint8(pixels)
-    rows = [(p, images[labels == k], scores[labels == k]) for k, p in enumerate(prompts)]
-    return plots.image_grid(rows)
+    prompt_of = torch.arange(len(rows)).repeat_interleave(per_prompt)
+    out = []
+    for category in CATEGORIES:
+        idx = [k for k in range(len(prompt_of)) if rows[prompt_of[k]]["category"] == category]
+        idx = sorted(idx, key=lambda k: (k % per_prompt, k))[:columns]  # one sample per prompt first, then more
+        if idx:
+            label = f"{category}\n{rows[prompt_of[idx[0]]]['prompt'][:22]}"
+            out.append((label, images[idx], correct[idx].float()))
+    return plots.image_grid(out)

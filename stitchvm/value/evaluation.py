@@ -31,8 +31,11 @@ class NoisyEvalSet:
     z0: torch.Tensor  # (N, C, H, W) clean latents
     prompt_ids: torch.Tensor  # (N,) index into prompts
     prompts: list[str]
+    categories: list[str] | None = None  # one per prompt (GenEval category), for the per-category section
 
     def __post_init__(self):
+        if self.categories is not None and len(self.categories) != len(self.prompts):
+            raise ValueError(f"{len(self.categories)} categories for {len(self.prompts)} prompts")
         if len(self.z0) != len(self.prompt_ids):
             raise ValueError(f"{len(self.z0)} latents but {len(self.prompt_ids)} prompt ids")
         if len(self.prompt_ids) and int(self.prompt_ids.max()) >= len(self.prompts):
@@ -60,8 +63,23 @@ def _batched(fn: Features, z_t, t, pid, batch_size: int, device) -> tuple[torch.
     return torch.cat([e.cpu() for e, _ in outs]), torch.cat([h.cpu() for _, h in outs])
 
 
+def _by_category(own: torch.Tensor, teacher_own: torch.Tensor, data: NoisyEvalSet,
+                 true_values: torch.Tensor | None) -> dict:
+    """{category: the within-prompt metrics on that category's prompts only}."""
+    category_of = [data.categories[k] for k in data.prompt_ids.tolist()]
+    out = {}
+    for c in dict.fromkeys(data.categories):
+        m = torch.tensor([x == c for x in category_of])
+        groups = data.prompt_ids[m]
+        row = {"spearman_within_prompt": spearman_within_groups(own[m], teacher_own[m], groups)}
+        if true_values is not None:
+            row["spearman_within_prompt_vs_mc"] = spearman_within_groups(own[m], true_values[m], groups)
+        out[c] = row
+    return out
+
+
 def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teacher_matrix, text, data: NoisyEvalSet,
-             lambda_tok: float, true_values: torch.Tensor | None = None) -> dict:
+             lambda_tok: float, true_values: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     matrix = reward.score_matrix(embeds.to(text.device), text).cpu()  # (N, K)
     n = torch.arange(len(matrix))
     own, teacher_own = matrix[n, data.prompt_ids], teacher_matrix[n, data.prompt_ids]
@@ -76,7 +94,7 @@ def _metrics(reward: ClipReward, embeds, tokens, teacher: TeacherTargets, teache
         row["recall_at_1"] = recall_at_1(matrix, data.prompt_ids)
     if true_values is not None:
         row["spearman_within_prompt_vs_mc"] = spearman_within_groups(own, true_values, data.prompt_ids)
-    return row
+    return row, own
 
 
 def noise_grid(z0: torch.Tensor, sigmas: tuple[float, ...], generator: torch.Generator) -> dict[float, torch.Tensor]:
@@ -94,7 +112,8 @@ def evaluate_value_model(model: StitchedValueModel, backbone: Backbone, reward: 
     Recall@1 and the trivial predictor's loss. `teacher` (on data.z0) is computed when not given.
 
     `true_values` ({σ: (N,) Monte Carlo value of noisy[σ]}, any subset of its σ) adds `spearman_within_prompt_vs_mc`
-    to those σ's rows and a row `{sigma, method: "monte-carlo", spearman_within_prompt}`."""
+    to those σ's rows and a row `{sigma, method: "monte-carlo", spearman_within_prompt}`. With `data.categories`,
+    `by_category` holds {category: {method: {sigma_S: within-prompt metrics on that category's prompts}}}."""
     true_values = true_values or {}
     if set(true_values) - set(noisy):
         raise ValueError(f"Monte Carlo values at σ {sorted(set(true_values) - set(noisy))} have no noisy set "
@@ -112,7 +131,8 @@ def evaluate_value_model(model: StitchedValueModel, backbone: Backbone, reward: 
     methods = {"stitchvm": stitch_features(model, data.prompts),
                "tweedie": tweedie_features(backbone, reward, data.prompts)}
     cost = {name: _cost(fn, data, batch_size, device) for name, fn in methods.items()}
-    rows = []
+    rows, by_category = [], {}
+    teacher_own = teacher_matrix[torch.arange(len(data.z0)), data.prompt_ids]
     for sigma, z_t in tqdm(noisy.items(), desc="evaluate", disable=not progress):
         if z_t.shape != data.z0.shape:
             raise ValueError(f"noisy latents at σ={sigma} have shape {tuple(z_t.shape)}, the clean set "
@@ -121,15 +141,23 @@ def evaluate_value_model(model: StitchedValueModel, backbone: Backbone, reward: 
         for name, fn in methods.items():
             embeds, tokens = _batched(fn, z_t, t, data.prompt_ids, batch_size, device)
             row = {"sigma": float(sigma), "method": name}
-            row.update(_metrics(reward, embeds, tokens, teacher, teacher_matrix, text, data, lambda_tok,
-                                true_values.get(sigma)))
+            metrics, own = _metrics(reward, embeds, tokens, teacher, teacher_matrix, text, data, lambda_tok,
+                                    true_values.get(sigma))
+            row.update(metrics)
             row.update(cost[name])
             rows.append(row)
+            if data.categories is not None:
+                for c, m in _by_category(own, teacher_own, data, true_values.get(sigma)).items():
+                    by_category.setdefault(c, {}).setdefault(name, {})[f"sigma_{sigma}"] = m
         if sigma in true_values:
-            teacher_own = teacher_matrix[torch.arange(len(data.z0)), data.prompt_ids]
             rows.append({"sigma": float(sigma), "method": "monte-carlo", "spearman_within_prompt":
                          spearman_within_groups(true_values[sigma], teacher_own, data.prompt_ids)})
+            if data.categories is not None:
+                for c, m in _by_category(true_values[sigma], teacher_own, data, None).items():
+                    by_category.setdefault(c, {}).setdefault("monte-carlo", {})[f"sigma_{sigma}"] = m
     report = {"eval": rows, "trivial_loss": trivial_loss(teacher, lambda_tok)}
+    if by_category:
+        report["by_category"] = by_category
     if reward.reads_prompt and len(data.prompts) >= 2:
         report["teacher_recall_at_1"] = recall_at_1(teacher_matrix, data.prompt_ids)
     return report

@@ -1,7 +1,15 @@
-"""Stage 2: train_value_model the stitched model onto the frozen teacher (off-policy distillation, no rollouts).
+"""Stage 2: train the stitched model onto the frozen teacher (off-policy distillation, no rollouts).
 
 L = ||ẽ_s - ẽ_t||² + λ_tok · mean_tokens ||h_s - h_t||² / D  [+ λ_sc · SmoothL1(head(ẽ_s), head(ẽ_t))]
+    [+ λ_rank · L_rank]
 with t drawn logit-normal and z_t = (1 - t) z0 + t ε; the teacher sees the clean image D(z0).
+
+The value is used to rank samples of one prompt (guidance, FK's potentials, alignment advantages), and the
+embedding regression spends its capacity on every direction of the embedding alike, while that ranking lives along
+one (the prompt's text direction). With `group_size` G > 1 each batch is B / G groups of G latents of one prompt
+sharing t and ε (only the clean latents differ, as in DiNa-LRM's and LPO's same-prompt pairs), and L_rank is a
+listwise (ListNet) loss within each group: the KL divergence from softmax(r_teacher / τ) to softmax(r_student / τ),
+r the reward of each embedding for the group's prompt.
 """
 from __future__ import annotations
 
@@ -83,6 +91,24 @@ def trivial_loss(target: TeacherTargets, lambda_tok: float, lambda_score: float 
     return loss.item()
 
 
+def rank_loss(student: torch.Tensor, teacher: torch.Tensor, group_size: int, temperature: float) -> torch.Tensor:
+    """ListNet within groups: (B,) rewards in groups of `group_size` consecutive rows -> KL(teacher || student)."""
+    s = student.view(-1, group_size) / temperature
+    t = teacher.view(-1, group_size) / temperature
+    return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
+
+
+def grouped_batch(group_of: torch.Tensor, members: list[torch.Tensor], batch_size: int, group_size: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """(B,) latent indices: B / G groups of G latents of one prompt each (with replacement), prompts uniform."""
+    anchors = torch.randint(len(group_of), (batch_size // group_size,), generator=generator)
+    out = []
+    for a in group_of[anchors].tolist():
+        pool = members[a]
+        out.append(pool[torch.randint(len(pool), (group_size,), generator=generator)])
+    return torch.cat(out)
+
+
 def build_optimizer(model: StitchedValueModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
     """AdamW with the stitching layer at `stitch_lr_mult` × lr; linear warm-up, then cosine decay to 10%."""
     stitch = list(model.stitch.parameters())
@@ -146,17 +172,36 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
     start = ckpt.restore(model, opt, sched, gen)
     score_fn = model.reward.head_scores if model.reward.head is not None else None
     params = model.trainable_parameters()
+    g = cfg.group_size
+    if g > 1:
+        if prompts is None or len(prompts) != len(z0):
+            raise ValueError(f"train.group_size {g} groups latents by prompt: pass one prompt per clean latent")
+        names = list(dict.fromkeys(prompts))
+        group_of = torch.tensor([names.index(p) for p in prompts])
+        members = [torch.nonzero(group_of == k).squeeze(1) for k in range(len(names))]
     history = []
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
-        idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen)
-        t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
-        noise = torch.randn((cfg.batch_size, *z0.shape[1:]), generator=gen)
+        if g > 1:
+            idx = grouped_batch(group_of, members, cfg.batch_size, g, gen)
+            t = logit_normal(cfg.batch_size // g, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen).repeat_interleave(g)
+            noise = torch.randn((cfg.batch_size // g, *z0.shape[1:]), generator=gen).repeat_interleave(g, 0)
+        else:
+            idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen)
+            t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
+            noise = torch.randn((cfg.batch_size, *z0.shape[1:]), generator=gen)
         z_t = forward_noise(z0[idx], t, noise).to(device)
         batch_prompts = None if prompts is None else [prompts[k] for k in idx.tolist()]
         embeds, tokens = model.embed(z_t, t.to(device), batch_prompts)
         target = targets.subset(idx).to(device)
         parts = distillation_loss(embeds, tokens, target, cfg.lambda_tok, score_fn, cfg.lambda_score)
+        if g > 1 and cfg.lambda_rank > 0:
+            reward = model.reward
+            text = reward.prompt_embeds(batch_prompts)
+            text = None if text is None else text.to(embeds)
+            parts["rank"] = rank_loss(reward.score(embeds, text), reward.score(target.embeds, text), g,
+                                      cfg.rank_temperature)
+            parts["loss"] = parts["loss"] + cfg.lambda_rank * parts["rank"]
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

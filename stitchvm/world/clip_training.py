@@ -1,18 +1,26 @@
-"""Pretraining the world's small CLIP on procedural scenes (symmetric InfoNCE with partial captions).
+"""Pretraining the world's small CLIP on procedural scenes (symmetric InfoNCE with partial captions and hard negatives).
 
 The model is a plain `transformers.CLIPModel` (`WORLD_CLIP` config) with the world tokenizer (OpenAI's BPE restricted
 to the caption grammar), so it loads with `CLIPModel.from_pretrained` and works inside `stitchvm.models.reward.ClipReward`
 unchanged: images are preprocessed exactly as `ClipReward.preprocess` does ([-1, 1] pixels -> OpenAI mean/std).
 
-Training captions are partial descriptions of the scene (`scenes.sample_mentions`: full, colour + shape, colour only,
-shape only, any subset), so short prompts such as "a red shape" or "a circle" embed well. Since partial captions are
-true of many scenes in a batch, the InfoNCE targets are multi-positive: caption i and scene j form a positive pair
-whenever caption i is true of scene j (`scenes.consistency`); each row's target is uniform over its positives. The
-loss therefore bottoms out at the targets' entropy, reported as `floor` in the history (0 for unique captions).
+Training captions are partial descriptions of the scene (`scenes.sample_specs`: full, colour + shape, colour only,
+shape only, any subset, per group; one or both groups), so short prompts such as "a red shape" or "a circle and a
+square" embed well. Since partial captions are true of many scenes in a batch, the InfoNCE targets are multi-positive:
+caption i and scene j form a positive pair whenever caption i is true of scene j (`scenes.satisfies`); each row's
+target is uniform over its positives. The loss therefore bottoms out at the targets' entropy, reported as `floor` in
+the history (0 for unique captions).
 
-Zero-shot accuracy (`zero_shot_accuracy`): for each attribute, every scene is classified as the class whose prompt
-(`scenes.zero_shot_prompts`: "a {colour} shape", "a {shape}", "{count} shapes", "a shape {position}") has the
-highest cosine with the scene's image embedding; accuracy is the fraction of scenes whose predicted class is true.
+Hard negatives (NegCLIP): every batch adds, per scene, a minimally edited caption (`scenes.hard_negatives`: two
+groups' colours, shapes or positions exchanged, or one count, colour, shape or position replaced). They are extra
+candidates on the image side of the loss; a negative that happens to be true of some scene is a positive there.
+Without them a CLIP learns a bag of words: "a red circle and a blue square" and "a blue circle and a red square"
+embed alike, and binding, count and position are what the compositional prompts ask for.
+
+Zero-shot accuracy (`zero_shot_accuracy`): on single-group scenes, for each attribute, every scene is classified as
+the class whose prompt (`scenes.zero_shot_prompts`: "a {colour} shape", "a {shape}", "{count} shapes", "a shape
+{position}") has the highest cosine with the scene's image embedding. Binding accuracy (`binding_accuracy`): on
+two-group scenes, the fraction whose full caption scores above a hard negative of it, per kind of edit.
 """
 from __future__ import annotations
 
@@ -86,16 +94,18 @@ def text_embeds(model: CLIPModel, tokenizer: CLIPTokenizer, prompts: list[str]) 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                      positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric multi-positive InfoNCE; `positives[i, j]`: caption i is true of scene j (diagonal always true).
+    """Symmetric multi-positive InfoNCE; `positives[i, j]`: caption i is true of scene j. Every scene has a true
+    caption; captions true of no scene in the batch (hard negatives) only compete on the image side.
 
     Returns (loss, floor): the floor is the loss of the ideal predictor (the targets' mean entropy).
     """
     logits = logit_scale.exp() * txt @ img.T  # (captions, scenes)
     pos = positives.float()
-    t_text, t_image = pos / pos.sum(1, keepdim=True), pos.T / pos.T.sum(1, keepdim=True)
-    loss_text = -(t_text * logits.log_softmax(1)).sum(1).mean()
+    rows = pos.sum(1) > 0  # captions with a positive in the batch
+    t_text, t_image = pos[rows] / pos[rows].sum(1, keepdim=True), pos.T / pos.T.sum(1, keepdim=True)
+    loss_text = -(t_text * logits[rows].log_softmax(1)).sum(1).mean()
     loss_image = -(t_image * logits.T.log_softmax(1)).sum(1).mean()
-    floor = 0.5 * (pos.sum(1).log().mean() + pos.sum(0).log().mean())
+    floor = 0.5 * (pos[rows].sum(1).log().mean() + pos.sum(0).log().mean())
     return 0.5 * (loss_text + loss_image), floor
 
 
@@ -147,16 +157,17 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(n_steps, warmup))
     ids_for = _CaptionIds(tokenizer)
-    held_out = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED)) if eval_every else None
+    held_out = held_out_scenes(n_eval) if eval_every else None
     history, shown, start = [], {}, time.perf_counter()
     bar = tqdm(range(n_steps), disable=not progress, desc="world clip", unit="step")
     for step in bar:
-        pixels, _, attrs = scenes.make_scenes(batch_size, generator)
-        mention = scenes.sample_mentions(batch_size, generator)
-        ids = ids_for(scenes.captions_for(attrs, mention))
+        pixels, _, scene = scenes.make_scenes(batch_size, generator)
+        specs = scenes.sample_specs(scene, generator)
+        specs = torch.cat([specs, scenes.hard_negatives(specs, generator)])  # (2B, 2, 4)
+        ids = ids_for(scenes.captions_for(specs))
         img = F.normalize(_vector(model.get_image_features(pixel_values=preprocess(pixels))), dim=-1)
         txt = F.normalize(_vector(model.get_text_features(input_ids=ids)), dim=-1)
-        loss, floor = contrastive_loss(img, txt, model.logit_scale, scenes.consistency(attrs, mention))
+        loss, floor = contrastive_loss(img, txt, model.logit_scale, scenes.satisfies(specs, scene))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,7 +177,8 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
         entry = dict(step=step + 1, loss=loss.item(), floor=floor.item(), lr=opt.param_groups[0]["lr"],
                      logit_scale=model.logit_scale.exp().item(), seconds=time.perf_counter() - start)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == n_steps):
-            entry["zero_shot"] = zero_shot_accuracy(model, tokenizer, held_out[0], held_out[2])
+            entry["zero_shot"] = zero_shot_accuracy(model, tokenizer, *held_out["single"])
+            entry["binding"] = binding_accuracy(model, tokenizer, *held_out["pair"])
         history.append(entry)
         if on_step is not None:
             on_step(entry)
@@ -177,18 +189,57 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
     return model, tokenizer, history
 
 
+def held_out_scenes(n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`n` held-out single-group scenes and `n` two-group scenes (`HELD_OUT_SEED`): {"single"|"pair": (pixels, scene)}."""
+    single = scenes.make_scenes(n, torch.Generator().manual_seed(HELD_OUT_SEED), two_groups=0.0)
+    pair = scenes.make_scenes(n, torch.Generator().manual_seed(HELD_OUT_SEED + 1), two_groups=1.0)
+    return {"single": (single[0], single[2]), "pair": (pair[0], pair[2])}
+
+
+def _embed_images(model: CLIPModel, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([image_embeds(model, pixels[k:k + batch_size].to(model.device))
+                      for k in range(0, len(pixels), batch_size)])
+
+
 @torch.no_grad()
-def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor,
-                       attributes: dict[str, torch.Tensor], names=scenes.ATTRIBUTES,
-                       batch_size: int = 1000) -> dict[str, float]:
-    """Zero-shot accuracy per attribute in `names` (see the module docstring): {"colour": .., "shape": .., ...}."""
+def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, scene: torch.Tensor,
+                       names=scenes.ATTRIBUTES, batch_size: int = 1000) -> dict[str, float]:
+    """Zero-shot accuracy per attribute in `names` on single-group scenes (see the module docstring):
+    {"colour": .., "shape": .., ...}; `scene` is the (n, 2, 4) scene tensor of `scenes.make_scenes`."""
     was_training = model.training
     model.eval()
-    img = torch.cat([image_embeds(model, pixels[k:k + batch_size]) for k in range(0, len(pixels), batch_size)])
+    img = _embed_images(model, pixels, batch_size)
     out = {}
     for name in names:
-        pred = (img @ text_embeds(model, tokenizer, scenes.zero_shot_prompts(name)).T).argmax(1)
-        out[name] = (pred == attributes[name].to(pred.device)).float().mean().item()
+        pred = (img @ text_embeds(model, tokenizer, scenes.zero_shot_prompts(name)).T).argmax(1).cpu()
+        out[name] = (pred == scene[:, 0, scenes.ATTRIBUTES.index(name)]).float().mean().item()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def binding_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, pixels: torch.Tensor, scene: torch.Tensor,
+                     batch_size: int = 1000) -> dict[str, float]:
+    """On two-group scenes: the fraction whose full caption has a higher cosine than the same caption with the two
+    groups' colours / shapes / positions exchanged, or with one group's count changed by one.
+    {"swap_colour": .., "swap_shape": .., "swap_position": .., "count": ..}; scenes where the edit changes nothing
+    (equal colours, say) are left out of that entry."""
+    was_training = model.training
+    model.eval()
+    img = _embed_images(model, pixels, batch_size)
+    true_sim = (img * text_embeds(model, tokenizer, scenes.captions_for(scene))).sum(1)
+    out = {}
+    for name, col in (("swap_colour", scenes.COLOUR), ("swap_shape", scenes.SHAPE),
+                      ("swap_position", scenes.POSITION), ("count", scenes.COUNT)):
+        edited = scene.clone()
+        if name == "count":
+            edited[:, 0, col] = (scene[:, 0, col] + 1) % len(scenes.COUNTS)
+        else:
+            edited[:, 0, col], edited[:, 1, col] = scene[:, 1, col], scene[:, 0, col]
+        keep = ~scenes.satisfies(edited, scene).diagonal()
+        if keep.any():
+            sim = (img[keep] * text_embeds(model, tokenizer, scenes.captions_for(edited[keep]))).sum(1)
+            out[name] = (true_sim[keep] > sim).float().mean().item()
     model.train(was_training)
     return out
 

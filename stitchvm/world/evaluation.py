@@ -7,8 +7,12 @@ chance, 1 means every sample is recognisably its own prompt rather than any othe
 `pair_win_rates` keeps the (K, K) matrix so that pairs differing only in shape (or only in colour) can be read
 separately: with one prompt per colour, colour alone can win every pair.
 
-`world_report` adds the CLIP's zero-shot accuracy (colour, shape, count, position) on held-out scenes, the VAE's
-round-trip PSNR and, given the aesthetic reward, the held-out Spearman of its score with `image_property`.
+`world_report` adds the CLIP's zero-shot accuracy (colour, shape, count, position) on held-out single-group scenes
+and its binding accuracy on two-group scenes, the VAE's round-trip PSNR, given the aesthetic reward the held-out
+Spearman of its score with `image_property`, and given the evaluator (evaluator.py) GenEval in miniature:
+`evaluator_accuracy` (its verdicts on held-out renders, per category) and `generator_accuracy` (the fraction of the
+backbone's unguided samples for the test prompts that the evaluator finds true to their prompt, per category and
+overall: the mean over categories, as GenEval's overall score).
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from stitchvm.diffusion.sampling import sample
 from stitchvm.world import scenes
 from stitchvm.world.aesthetic import image_property
 from stitchvm.world.autoencoder import psnr
-from stitchvm.world.clip_training import HELD_OUT_SEED, zero_shot_accuracy
+from stitchvm.world.clip_training import binding_accuracy, held_out_scenes, zero_shot_accuracy
+from stitchvm.world.evaluator import SceneEvaluator, evaluator_accuracy, verdicts
+from stitchvm.world.prompt_set import CATEGORIES, spec_tensor
 
 # the win-rate check: "a {colour} {shape}" for every colour, the shapes cycling (each colour once, each shape ≥ 2×)
 WIN_RATE_PROMPTS = tuple(f"a {c} {scenes.SHAPES[k % 3]}" for k, c in enumerate(scenes.COLOURS))
@@ -93,15 +99,44 @@ def _attribute_masks(prompts: list[str]) -> dict[str, torch.Tensor]:
     return {"shape_only": colour & ~shape, "colour_only": shape & ~colour}
 
 
+def specs_by_category(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Prompt-set rows ({"category", "spec", ...}) -> {category: (P, 2, 4) specs}, in `CATEGORIES` order."""
+    out = {c: [spec_tensor(r["spec"]) for r in rows if r["category"] == c] for c in CATEGORIES}
+    return {c: torch.stack(s) for c, s in out.items() if s}
+
+
+def accuracy_by_category(correct: torch.Tensor, categories: list[str]) -> dict[str, float]:
+    """(N,) bool verdicts and each sample's category -> {category: fraction true, "overall": mean over categories}."""
+    out = {c: correct[torch.tensor([x == c for x in categories])].float().mean().item()
+           for c in CATEGORIES if c in categories}
+    out["overall"] = sum(out.values()) / len(out)
+    return out
+
+
+@torch.no_grad()
+def generator_accuracy(backbone: Backbone, evaluator: SceneEvaluator, rows: list[dict], per_prompt: int, steps: int,
+                       guidance_scale: float, seed: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """GenEval of the backbone's unguided samples for the prompts of `rows`: ({category: accuracy, "overall"},
+    (N, 3, H, W) pixels, (N,) bool verdicts), `per_prompt` samples per prompt, in row order."""
+    pixels, labels = sample_pixels(backbone, [r["prompt"] for r in rows], per_prompt, steps, guidance_scale, seed)
+    specs = torch.stack([spec_tensor(rows[k]["spec"]) for k in labels.tolist()])
+    correct = verdicts(evaluator, pixels, specs)
+    return accuracy_by_category(correct, [rows[k]["category"] for k in labels.tolist()]), pixels, correct
+
+
 @torch.no_grad()
 def world_report(backbone: Backbone, reward: ClipReward, aesthetic: ClipReward | None = None, *,
                  prompts=WIN_RATE_PROMPTS, per_prompt: int = 16, steps: int = 16, guidance_scale: float = 4.5,
                  seed: int = 0, n_eval: int = 1000) -> dict[str, float]:
-    """Metrics of the world models: CLIP zero-shot accuracies, VAE PSNR, prompt-pair win rates (all pairs, and pairs
-    differing only in shape / only in colour when `prompts` has such pairs), aesthetic Spearman (if given)."""
-    pixels, _, attrs = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED))
-    zero_shot = zero_shot_accuracy(reward.clip, reward.tokenizer, pixels.to(reward.image_mean.device), attrs)
+    """Metrics of the world models: CLIP zero-shot and binding accuracies, VAE PSNR, prompt-pair win rates (all
+    pairs, and pairs differing only in shape / only in colour when `prompts` has such pairs), aesthetic Spearman (if
+    given)."""
+    held_out = held_out_scenes(n_eval)
+    pixels = held_out["single"][0]
+    zero_shot = zero_shot_accuracy(reward.clip, reward.tokenizer, *held_out["single"])
     report = {f"clip_zero_shot_{'color' if k == 'colour' else k}": v for k, v in zero_shot.items()}
+    binding = binding_accuracy(reward.clip, reward.tokenizer, *held_out["pair"])
+    report.update({f"clip_binding_{k}": v for k, v in binding.items()})
     vae = backbone.vae
     x = pixels.to(backbone.device, vae.dtype)
     recon = torch.cat([vae.decode(vae.encode(x[k:k + 256]).latent_dist.mean).sample for k in range(0, len(x), 256)])

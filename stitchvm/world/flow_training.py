@@ -8,7 +8,7 @@ load it like a real SD3 checkpoint.
 
 Training follows the backbone's convention (`Backbone.velocity`, `stitchvm.diffusion.sampling`): `z_t = (1 - t) z0 + t ε`,
 target `ε - z0`, the transformer fed `1000 · t`, t logit-normal; the conditioning is `Backbone.encode_prompts` of
-partial captions (`scenes.sample_mentions`, so short prompts such as "a red circle" are in distribution), replaced by
+partial captions (`scenes.sample_specs`, so short prompts such as "a red circle" are in distribution), replaced by
 the empty prompt with probability `caption_dropout` (classifier-free guidance needs the unconditional model).
 
 Why the context is collapsed while training: without T5 the SD3 pipeline appends 256 all-zero "T5" tokens to the
@@ -16,7 +16,7 @@ CLIP tokens. They enter every block as the same vector, so they stay identical, 
 equals attending to one of them with its logit raised by log 256. Training therefore feeds the CLIP tokens plus one
 zero token and adds log 256 to that key's attention logit (`collapsed_attention`); this is the same function up to
 float rounding (a test checks it) at a fraction of the cost. For the same reason the world tokenizer pads to
-`MAX_PROMPT_TOKENS` rather than 77 (the caption grammar needs at most 9 tokens).
+`MAX_PROMPT_TOKENS` rather than 77 (the caption grammar needs at most 19 tokens).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from stitchvm.lr_schedule import warmup_cosine
 from stitchvm.models.collapsed_attention import collapsed_attention
 
 HELD_OUT_SEED = 2_000_029  # held-out scenes, noise and times for the evaluation loss
-MAX_PROMPT_TOKENS = 16  # the backbone tokenizer's model_max_length (CLIP token states per prompt)
+MAX_PROMPT_TOKENS = 24  # the backbone tokenizer's model_max_length (CLIP token states per prompt)
 SCHEDULER_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler shift at sampling (8×8 latents need little shift)
 SOURCE = "world:backbone"  # the spec source of a backbone built here (before it is saved and loaded by path)
 
@@ -110,10 +110,10 @@ def world_backbone(clip_dir: str | Path, vae: AutoencoderKL, config: dict | None
 def flow_batch(backbone: Backbone, prompts: _PromptCache, batch_size: int, generator: torch.Generator,
                caption_dropout: float):
     """One training batch: (z_t, t, token states, pooled, target velocity), all drawn from `generator`."""
-    pixels, _, attrs = scenes.make_scenes(batch_size, generator)
-    mention = scenes.sample_mentions(batch_size, generator)
+    pixels, _, scene = scenes.make_scenes(batch_size, generator)
+    specs = scenes.sample_specs(scene, generator)
     drop = torch.rand(batch_size, generator=generator) < caption_dropout
-    captions = ["" if d else c for c, d in zip(scenes.captions_for(attrs, mention), drop.tolist())]
+    captions = ["" if d else c for c, d in zip(scenes.captions_for(specs), drop.tolist())]
     z0 = backbone.encode(pixels)  # (B, 4, 8, 8)
     t = torch.sigmoid(torch.randn(batch_size, generator=generator))  # (B,) logit-normal
     eps = torch.randn(z0.shape, generator=generator)
