@@ -74,6 +74,10 @@ def evaluate(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeR
         "report": MetadataValue.path(str((paths.reports / "eval.json").resolve())),
         "plot": png_md((paths.reports / "eval.png").read_bytes(), "value quality vs sigma"),
     }
+    grid = paths.reports / "geneval_samples.png"
+    if "geneval" in report and grid.is_file():  # the base generator's test samples, each with the evaluator's verdict
+        metadata["geneval"] = MetadataValue.json(report["geneval"])
+        metadata["geneval_samples"] = png_md(grid.read_bytes(), "test samples per category (1: satisfies its prompt)")
     for r in report["eval"]:  # the Monte Carlo value's agreement with the teacher: what any value could reach
         if r["method"] == "monte-carlo":
             metadata[f"monte_carlo_ceiling@{r['sigma']}"] = float(r["spearman_within_prompt"])

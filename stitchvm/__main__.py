@@ -42,13 +42,15 @@ def main(argv: list[str] | None = None) -> int:
                                              "guidance and alignment when run, and where the outputs are")
     summary.add_argument("--reports", default="reports", help="the reports folder (default: reports)")
     bench = sub.add_parser("bench", help="a benchmark on a profile: prints a table and writes JSON")
-    bench.add_argument("name", choices=("guidance", "align"), help="what to benchmark")
+    bench.add_argument("name", choices=("guidance", "align", "value"), help="what to benchmark")
     bench.add_argument("--profile", default="default",
                        help="`default` (params.yaml), a name under profiles/ (e.g. arch) or a .yaml path")
     bench.add_argument("--out", default=None, help="the JSON report (default: reports/bench_<name>.json)")
     bench.add_argument("--count", action="store_true",
                        help="guidance: count FLOPs and saved activations of the arch presets on `meta` (no GPU needed)")
     bench.add_argument("--updates", type=int, default=None, help="align: optimiser updates per method")
+    bench.add_argument("--steps", type=int, default=None, help="value: training steps per variant")
+    bench.add_argument("--variants", default=None, help="value: comma-separated variants (default: all)")
     for p in sub.choices.values():  # let --params/--no-progress also follow the command
         p.add_argument("--params", default=argparse.SUPPRESS)
         p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS)
@@ -93,6 +95,10 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
         if args.name == "guidance":
             from stitchvm.benchmarks.guidance import run
             run(args.profile, out, count=args.count, progress=progress)
+        elif args.name == "value":
+            from stitchvm.benchmarks.value import run
+            run(args.profile, out, steps=args.steps, progress=progress,
+                variants=args.variants.split(",") if args.variants else None)
         else:
             from stitchvm.benchmarks.align import run
             run(args.profile, out, updates=args.updates, progress=progress)

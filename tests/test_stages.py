@@ -136,14 +136,29 @@ def test_cli_reports_a_missing_upstream_output(tmp_path):
 
 def test_prompt_sources_and_splits(tmp_path):
     from stitchvm.stages.prompts import read_source, split_prompts
+    from stitchvm.world.prompt_set import CATEGORIES
 
     txt = tmp_path / "p.txt"
     txt.write_text("a cat\n\na dog\na cat\na bird\n")
-    assert read_source(str(txt)) == ["a cat", "a dog", "a bird"]
-    table = split_prompts(read_source("builtin"), 3, 1, 2, seed=0)
-    assert table.column("split").to_pylist() == ["train"] * 3 + ["val"] + ["test"] * 2
-    assert table.equals(split_prompts(read_source("builtin"), 3, 1, 2, seed=0))
-    assert not table.equals(split_prompts(read_source("builtin"), 3, 1, 2, seed=1))
+    assert [r["prompt"] for r in read_source(str(txt))] == ["a cat", "a dog", "a bird"]
+    table = split_prompts(read_source(str(txt)), 1, 1, 1, seed=0)
+    assert table.column("category").to_pylist() == ["custom"] * 3 and table.column("spec").null_count == 3
+    # the built-in set keeps its own splits and spreads each split over the categories
+    builtin = read_source("builtin")
+    table = split_prompts(builtin, 12, 2, 6, seed=0)
+    assert table.column("split").to_pylist() == ["train"] * 12 + ["val"] * 2 + ["test"] * 6
+    split_of = {r["prompt"]: r["split"] for r in builtin}
+    assert all(split_of[p] == s for p, s in zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()))
+    train_categories = table.column("category").to_pylist()[:12]
+    assert set(train_categories) == set(CATEGORIES)  # round-robin: every category before any twice
+    specs = [json.loads(s) for s in table.column("spec").to_pylist()]
+    assert all(len(s["groups"]) in (1, 2) for s in specs)
+    assert table.equals(split_prompts(builtin, 12, 2, 6, seed=0))
+    assert not table.equals(split_prompts(builtin, 12, 2, 6, seed=1))
+    with pytest.raises(ValueError, match="prompts.val is 99, the built-in set has 12 val prompts"):
+        split_prompts(builtin, 1, 99, 1, seed=0)
+    single = split_prompts(read_source("builtin:single"), 3, 1, 2, seed=0)
+    assert single.num_rows == 6 and set(single.column("category").to_pylist()) == {"colors"}
     with pytest.raises(ValueError, match="has 3 unique prompts, the splits need 4"):
         split_prompts(read_source(str(txt)), 2, 1, 1, seed=0)
     with pytest.raises(FileNotFoundError, match="nope.txt does not exist"):

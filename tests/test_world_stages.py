@@ -30,9 +30,10 @@ REDUCED_WORLD = {
     "vae": {"steps": 6, "batch_size": 8},
     "backbone": {"steps": 6, "batch_size": 8},
     "aesthetic": {"steps": 6, "batch_size": 16},
+    "evaluator": {"steps": 6, "batch_size": 16},
     "report": {"scenes": 32, "per_prompt": 2, "steps": 2},
 }
-PARTS = ("clip", "vae", "transformer", "scheduler", "tokenizer", "aesthetic.safetensors")
+PARTS = ("clip", "vae", "transformer", "scheduler", "tokenizer", "aesthetic.safetensors", "evaluator.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,13 @@ def test_bootstrap_job_writes_every_part_with_metadata_and_runs(world):
             assert md[name]["bytes"].value > 0
     assert md["world_report"]["samples"].value.startswith("![samples](data:image/png;base64,iVBOR")
     report = json.loads((tmp / "reports" / "world.json").read_text())
-    for key in ("clip_zero_shot_color", "clip_zero_shot_shape", "prompt_pair_win_rate"):
+    for key in ("clip_zero_shot_color", "clip_zero_shot_shape", "clip_binding_swap_colour", "prompt_pair_win_rate"):
         assert 0.0 <= report[key] <= 1.0
+    from stitchvm.world.prompt_set import CATEGORIES
+
+    assert set(report["evaluator_accuracy"]) == set(CATEGORIES)
+    assert set(report["generator_accuracy"]) == {*CATEGORIES, "overall"}
+    assert all(0.0 <= v <= 1.0 for v in report["generator_accuracy"].values())
     runs = MlflowClient(world["uri"]).search_runs(
         [MlflowClient(world["uri"]).get_experiment_by_name("stitchvm").experiment_id])
     assert {r.info.run_name for r in runs} == set(BOOTSTRAP) - {"world_report"}
@@ -118,6 +124,9 @@ def test_the_samples_stage_draws_from_the_full_context_model(world, monkeypatch)
     full = dataclasses.replace(backbone, transformer=copy.deepcopy(backbone.transformer), t5_tokens=256)
     full.transformer.set_attn_processor(JointAttnProcessor2_0())
     params = Params(samples=SamplesConfig(source="pipeline", per_prompt=2, steps=3, guidance_scale=4.5, batch_size=2))
+    # the longest caption of the grammar fits the backbone's token budget (a truncated prompt would differ)
+    assert len(backbone.tokenizer("four purple triangles at the top and three orange squares at the bottom")
+               .input_ids) <= backbone.tokenizer.model_max_length
     rows = pa.table({"seed": [11, 12], "prompt": ["a red circle", "two blue squares on the left"]})
     pipe = full.pipeline
     pipe.set_progress_bar_config(disable=True)
@@ -167,7 +176,7 @@ def shipped_world(monkeypatch):
 @shipped
 def test_the_shipped_world_is_small(shipped_world):
     total = sum(f.stat().st_size for f in pretrained.SHIPPED.rglob("*") if f.is_file())
-    assert total <= 20 * 2**20, f"{total / 2**20:.1f} MiB"
+    assert total <= 25 * 2**20, f"{total / 2**20:.1f} MiB"
 
 
 @shipped
@@ -176,9 +185,19 @@ def test_the_shipped_clip_knows_colours_and_shapes(shipped_world):
     from stitchvm.world.clip_training import zero_shot_accuracy
 
     reward = build_reward(RewardSpec("world:clip"))
-    pixels, _, attrs = scenes.make_scenes(400, torch.Generator().manual_seed(7))  # not the training stream
-    accuracy = zero_shot_accuracy(reward.clip, reward.tokenizer, pixels, attrs, names=("colour", "shape"))
+    pixels, _, scene = scenes.make_scenes(400, torch.Generator().manual_seed(7), two_groups=0.0)  # not training's
+    accuracy = zero_shot_accuracy(reward.clip, reward.tokenizer, pixels, scene, names=("colour", "shape"))
     assert accuracy["colour"] >= 0.9 and accuracy["shape"] >= 0.9, accuracy
+
+
+@shipped
+def test_the_shipped_evaluator_reads_renders_back(shipped_world):
+    from stitchvm.world import scenes
+    from stitchvm.world.evaluator import load_evaluator, scene_accuracy
+
+    evaluator = load_evaluator(pretrained.SHIPPED / "evaluator.safetensors")
+    pixels, _, scene = scenes.make_scenes(400, torch.Generator().manual_seed(8))  # not the training stream
+    assert scene_accuracy(evaluator, pixels, scene) >= 0.9
 
 
 @shipped

@@ -17,7 +17,11 @@ from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model
 from stitchvm.value.monte_carlo import monte_carlo_value
 from stitchvm.data.storage import read_shards
 from stitchvm.value.model import StitchedValueModel
+from stitchvm.models.world_source import world_path
 from stitchvm.stages.runtime import Paths, models, needs
+from stitchvm.world.evaluation import judge
+from stitchvm.world.evaluator import load_evaluator
+from stitchvm.world.prompt_set import CATEGORIES
 from stitchvm.stages.upstream import (EVAL, prompts_in_split, read_prompts, read_split, read_train_summary,
                                       value_model_dir)
 
@@ -67,20 +71,52 @@ def true_values(params: Params, backbone, reward, data: NoisyEvalSet, noisy: dic
     return values, round(time.perf_counter() - start, 3)
 
 
-def run(params: Params, paths: Paths, progress: bool = True) -> dict:
-    storage = paths.storage()
-    backbone, reward = models(params)
+GENEVAL_GRID = "geneval_samples.png"
+
+
+@torch.no_grad()
+def geneval(params: Params, backbone, z0: torch.Tensor, sample_prompts: list[str], table, paths: Paths) -> dict | None:
+    """The world evaluator's verdicts on the pipeline's own test samples (the base generator, unguided): {category:
+    accuracy, "overall"}, and a grid of samples per category with each verdict (reports/geneval_samples.png). None
+    unless the backbone is the world's and every test prompt carries a spec (the built-in prompt set)."""
+    if params.backbone.source != "world:sd3" or "spec" not in table.column_names:
+        return None
+    rows = {p: (c, s) for p, c, s in zip(*(table.column(k).to_pylist() for k in ("prompt", "category", "spec")))}
+    if any(rows[p][1] is None for p in sample_prompts):
+        return None
+    evaluator = load_evaluator(world_path("evaluator.safetensors"))
+    pixels = torch.cat([backbone.decode(z0[k:k + 256].to(backbone.device)).float().clamp(-1, 1).cpu()
+                        for k in range(0, len(z0), 256)])
+    categories = [rows[p][0] for p in sample_prompts]
+    accuracy, correct = judge(evaluator, pixels, [json.loads(rows[p][1]) for p in sample_prompts], categories)
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    (paths.reports / GENEVAL_GRID).write_bytes(plots.verdict_grid(categories, sample_prompts, pixels, correct,
+                                                                  CATEGORIES))
+    return accuracy
+
+
+def eval_inputs(params: Params, storage) -> tuple[NoisyEvalSet, dict, object, list[str], object]:
+    """What every evaluation of a value model reads: the test set (clean latents, prompt ids, prompts, categories),
+    its stored noisy versions {σ: z_σ}, the teacher on the clean latents, each sample's prompt and the prompt table."""
     z0, index, teacher, _ = read_split(storage, params, "test", labels=True)
     table = read_prompts(storage)
     test_prompts = prompts_in_split(table, "test")
     category = dict(zip(table.column("prompt").to_pylist(), table.column("category").to_pylist())) \
         if "category" in table.column_names else None
     position = {p: k for k, p in enumerate(test_prompts)}
-    data = NoisyEvalSet(z0, torch.tensor([position[p] for p in index.column("prompt").to_pylist()]), test_prompts,
+    sample_prompts = index.column("prompt").to_pylist()
+    data = NoisyEvalSet(z0, torch.tensor([position[p] for p in sample_prompts]), test_prompts,
                         None if category is None else [category[p] for p in test_prompts])
     noisy_t, noisy_index = read_shards(storage, EVAL, progress=False, hint=needs("noisy"))
     sigmas = noisy_index.column("sigma").to_pylist()
     noisy = {s: noisy_t["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])] for s in dict.fromkeys(sigmas)}
+    return data, noisy, teacher, sample_prompts, table
+
+
+def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    storage = paths.storage()
+    backbone, reward = models(params)
+    data, noisy, teacher, sample_prompts, table = eval_inputs(params, storage)
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device)
     values, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
@@ -89,6 +125,9 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     if values:
         report["monte_carlo"] = {"rollouts": params.evaluate.mc_rollouts, "sigmas": sorted(values),
                                  "seconds": mc_seconds}
+    verdicts = geneval(params, backbone, data.z0, sample_prompts, table, paths)
+    if verdicts is not None:
+        report["geneval"] = verdicts
     report["gate"] = gate(report, params)
     report["by_sigma"] = by_sigma(report["eval"])
     paths.reports.mkdir(parents=True, exist_ok=True)

@@ -117,3 +117,22 @@ def image_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], headers: list
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def verdict_grid(categories: list[str], prompts: list[str], pixels: torch.Tensor, correct: torch.Tensor,
+                 order: tuple[str, ...], columns: int = 8) -> bytes:
+    """PNG: one row per category (in `order`), up to `columns` samples each, as many prompts as possible first; each
+    tile captioned with the evaluator's verdict (1: the image satisfies its prompt, 0: it does not)."""
+    images = to_uint8(pixels)
+    rows = []
+    for category in order:
+        idx = [k for k, c in enumerate(categories) if c == category]
+        seen: dict[str, int] = {}
+        rank = {}  # a sample's index among its prompt's samples
+        for k in idx:
+            rank[k] = seen.get(prompts[k], 0)
+            seen[prompts[k]] = rank[k] + 1
+        idx = sorted(idx, key=lambda k: (rank[k], k))[:columns]
+        if idx:
+            rows.append((category, images[idx], correct[idx].float()))
+    return image_grid(rows)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from stitchvm.stages import plots
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, Params, RewardSpec
@@ -19,9 +17,6 @@ from stitchvm.world.evaluator import evaluator_accuracy, load_evaluator
 from stitchvm.world.prompt_set import CATEGORIES, prompt_set
 from stitchvm.stages.bootstrap import timed
 from stitchvm.stages.runtime import Paths
-
-GRID_COLUMNS = 8
-
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     cfg = params.world.report
@@ -43,21 +38,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                                    "per_prompt": cfg.per_prompt, "prompts": len(test)}
     paths.reports.mkdir(parents=True, exist_ok=True)
     grid = paths.reports / "world_samples.png"
-    grid.write_bytes(verdict_grid(test, pixels, correct, cfg.per_prompt))
+    per_sample = [test[k] for k in range(len(test)) for _ in range(cfg.per_prompt)]
+    grid.write_bytes(plots.verdict_grid([r["category"] for r in per_sample], [r["prompt"] for r in per_sample],
+                                        pixels, correct, CATEGORIES))
     (paths.reports / "world.json").write_text(json.dumps(report, indent=2) + "\n")
     return {**report, "seconds": seconds, "samples": str(grid)}
-
-
-def verdict_grid(rows: list[dict], pixels: torch.Tensor, correct: torch.Tensor, per_prompt: int,
-                 columns: int = GRID_COLUMNS) -> bytes:
-    """One row per category: samples of its first prompts (each tile captioned 1 / 0: the evaluator's verdict)."""
-    images = plots.to_uint8(pixels)
-    prompt_of = torch.arange(len(rows)).repeat_interleave(per_prompt)
-    out = []
-    for category in CATEGORIES:
-        idx = [k for k in range(len(prompt_of)) if rows[prompt_of[k]]["category"] == category]
-        idx = sorted(idx, key=lambda k: (k % per_prompt, k))[:columns]  # one sample per prompt first, then more
-        if idx:
-            label = f"{category}\n{rows[prompt_of[idx[0]]]['prompt'][:22]}"
-            out.append((label, images[idx], correct[idx].float()))
-    return plots.image_grid(out)

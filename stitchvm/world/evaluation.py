@@ -113,15 +113,23 @@ def accuracy_by_category(correct: torch.Tensor, categories: list[str]) -> dict[s
     return out
 
 
+def judge(evaluator: SceneEvaluator, pixels: torch.Tensor, specs: list[dict], categories: list[str]
+          ) -> tuple[dict[str, float], torch.Tensor]:
+    """GenEval of images: ({category: accuracy, "overall"}, (N,) bool verdicts) for (N, 3, H, W) pixels, each with
+    its prompt's spec ({"groups": [...]}) and category."""
+    correct = verdicts(evaluator, pixels, torch.stack([spec_tensor(s) for s in specs]))
+    return accuracy_by_category(correct, categories), correct
+
+
 @torch.no_grad()
 def generator_accuracy(backbone: Backbone, evaluator: SceneEvaluator, rows: list[dict], per_prompt: int, steps: int,
                        guidance_scale: float, seed: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """GenEval of the backbone's unguided samples for the prompts of `rows`: ({category: accuracy, "overall"},
     (N, 3, H, W) pixels, (N,) bool verdicts), `per_prompt` samples per prompt, in row order."""
     pixels, labels = sample_pixels(backbone, [r["prompt"] for r in rows], per_prompt, steps, guidance_scale, seed)
-    specs = torch.stack([spec_tensor(rows[k]["spec"]) for k in labels.tolist()])
-    correct = verdicts(evaluator, pixels, specs)
-    return accuracy_by_category(correct, [rows[k]["category"] for k in labels.tolist()]), pixels, correct
+    accuracy, correct = judge(evaluator, pixels, [rows[k]["spec"] for k in labels.tolist()],
+                              [rows[k]["category"] for k in labels.tolist()])
+    return accuracy, pixels, correct
 
 
 @torch.no_grad()

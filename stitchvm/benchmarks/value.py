@@ -1,0 +1,85 @@
+"""Benchmark `value`: training variants of the value model, each judged against the true (Monte Carlo) value.
+
+`python -m stitchvm bench value --profile NAME --out PATH [--steps N] [--variants a,b]` reads the profile's pipeline
+data (run the stages up to `search` first: samples, labels, noisy, search), computes the Monte Carlo value of the
+stored noisy test latents once (`evaluate.mc_rollouts` rollouts at `evaluate.mc_sigmas`), then trains each variant
+from the search's initialisation with the profile's `train` section changed as the variant says, and evaluates it
+on the same noisy latents. Rows: {variant, sigma, method, spearman_within_prompt, spearman_within_prompt_vs_mc},
+the tweedie and monte-carlo rows once per σ (they do not depend on the variant); `by_category` per variant;
+`train_seconds` per variant. Variants (`VARIANTS`):
+
+- distill: the embedding / token regression alone (the paper's recipe), i.i.d. batches.
+- grouped: batches of `group_size` latents of one prompt sharing t and ε, no ranking term.
+- grouped+rank: the same with the within-group ListNet term (value/training.py).
+- grouped+rank+high-sigma: and t drawn around σ 0.62 (logit-normal mean 0.5), where the headroom is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from stitchvm.benchmarks import load_profile
+from stitchvm.stages import tables
+
+VARIANTS = {
+    "distill": {},
+    "grouped": {"group_size": 8},
+    "grouped+rank": {"group_size": 8, "lambda_rank": 1.0},
+    "grouped+rank+high-sigma": {"group_size": 8, "lambda_rank": 1.0, "sigma_logit_mean": 0.5},
+}
+COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
+
+
+def run(profile: str, out: str | Path, *, steps: int | None = None, variants: list[str] | None = None,
+        progress: bool = True) -> dict:
+    from stitchvm.data.storage import open_root
+    from stitchvm.stages.evaluate import eval_inputs, true_values
+    from stitchvm.stages.runtime import models
+    from stitchvm.stages.upstream import read_search, read_split
+    from stitchvm.value.evaluation import evaluate_value_model
+    from stitchvm.value.search import stitched_from_search
+    from stitchvm.value.training import train_value_model
+
+    name, params = load_profile(profile)
+    variants = variants or list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown} (known: {', '.join(VARIANTS)})")
+    if params.evaluate.mc_rollouts == 0:
+        raise ValueError("bench value judges against the Monte Carlo value: set evaluate.mc_rollouts > 0")
+    storage = open_root(params.storage.root, params.storage.options)
+    backbone, reward = models(params)
+    z0, index, targets, _ = read_split(storage, params, "train", labels=True)
+    train_prompts = index.column("prompt").to_pylist()
+    data, noisy, teacher, _, _ = eval_inputs(params, storage)
+    mc, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
+    noisy = {s: noisy[s] for s in mc}
+    rows, by_category, seconds = [], {}, {}
+    for variant in variants:
+        cfg = dataclasses.replace(params.train, **VARIANTS[variant], **({"steps": steps} if steps else {}))
+        model = stitched_from_search(backbone, reward, read_search(storage)).to(backbone.device)
+        start = time.perf_counter()
+        train_value_model(model, z0, targets, cfg, params.seed, progress=progress, prompts=train_prompts)
+        seconds[variant] = round(time.perf_counter() - start, 1)
+        report = evaluate_value_model(model, backbone, reward, data, noisy, params.evaluate.batch_size,
+                                      cfg.lambda_tok, teacher=teacher, progress=False, true_values=mc)
+        for r in report["eval"]:
+            if r["method"] == "stitchvm" or variant == variants[0]:
+                rows.append({"variant": variant if r["method"] == "stitchvm" else "-",
+                             **{k: r[k] for k in COLUMNS[1:] if k in r}})
+        by_category[variant] = report.get("by_category", {})
+    rows.sort(key=lambda r: (r["sigma"], r["method"] != "monte-carlo", r["method"] != "tweedie", r["variant"]))
+    result = {"device": str(backbone.device), "host": platform.node(), "profile": name,
+              "steps": steps or params.train.steps, "mc": {"rollouts": params.evaluate.mc_rollouts,
+                                                           "sigmas": sorted(mc), "seconds": mc_seconds},
+              "variants": {v: VARIANTS[v] for v in variants}, "train_seconds": seconds, "rows": rows,
+              "by_category": by_category}
+    print(tables.format_table(rows, COLUMNS))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
