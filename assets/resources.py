@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from dagster import ConfigurableResource, InitResourceContext
 
 from stitchvm.config import Params, load_params
@@ -35,6 +36,7 @@ class StitchVMResource(ConfigurableResource):
     params_path: str = "params.yaml"
     reports_dir: str = "reports"
     checkpoints_dir: str = "checkpoints"
+    threads: int = 0  # torch CPU threads per step (0: torch's default); `pipelines` shares the cores among the steps
 
     def params(self) -> Params:
         return load_params(self.params_path)
@@ -48,6 +50,8 @@ class StitchVMResource(ConfigurableResource):
         and writes the storage root itself. `kwargs` go to the stage's `run` (e.g. `shards=`)."""
         params = self.params()
         paths = self.paths(params)
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
         return StageRun(params, paths, stage(name).run(params, paths, progress=False, **kwargs))
 
 

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             from stitchvm.smoke import run
             run(params, args.out, progress=progress, threads=args.threads)
             return 0
-        from stitchvm.stages.runtime import Paths
+        from stitchvm.stages.runtime import Paths, set_stage_threads
+        set_stage_threads()  # $STITCHVM_THREADS, else every core (one stage per process)
         kwargs = {"shards": args.shards} if args.command in PARTITIONED else {}
         summary = stage(args.command).run(params, Paths.from_params(params), progress=progress, **kwargs)
     except (FileNotFoundError, ValueError) as e:

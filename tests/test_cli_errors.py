@@ -40,12 +40,16 @@ CASES = [  # (id, arguments given the params file, file text or changes, exit st
      r"comma-separated shard numbers, got 'x'"),
     ("stage before its input", lambda f: ["--params", f, "samples"], {}, 1,
      r"prompts\.parquet does not exist: run the `prompts` stage first"),
+    ("more prompts than the built-in split has", lambda f: ["--params", f, "prompts"],
+     {"prompts": {"source": "builtin", "train": 2, "val": 99, "test": 1}}, 1,
+     r"prompts\.val is 99, the built-in set has 12 val prompts"),
 ]
 
 
 @pytest.mark.parametrize("args, content, status, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, content, status, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("STITCHVM_THREADS", raising=False)
     monkeypatch.chdir(tmp_path)
     f = params_file(tmp_path, content) if isinstance(content, str) else params_file(tmp_path, **content)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -64,3 +68,31 @@ def test_good_params_pass_the_same_checks(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--params", params_file(tmp_path), "--no-progress", "prompts"]) == 0
     assert (tmp_path / "data" / "prompts.parquet").is_file()
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_named(tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setenv("STITCHVM_THREADS", value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", params_file(tmp_path), "prompts"]) == 1
+    assert capsys.readouterr().err.strip() == (f"stitchvm prompts: STITCHVM_THREADS={value!r}: expected a positive "
+                                               f"integer (torch threads per stage)")
+    assert not (tmp_path / "data").exists()
+
+
+def test_stage_threads_share_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from stitchvm.stages.runtime import set_stage_threads, stage_threads
+
+    monkeypatch.delenv("STITCHVM_THREADS", raising=False)
+    cores = os.cpu_count()
+    assert stage_threads(1) == cores and stage_threads(2) == max(1, cores // 2) and stage_threads(10 * cores) == 1
+    monkeypatch.setenv("STITCHVM_THREADS", "3")
+    before = torch.get_num_threads()
+    try:
+        assert stage_threads(2) == 3 and set_stage_threads() == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -17,13 +17,11 @@ from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model
 from stitchvm.value.monte_carlo import monte_carlo_value
 from stitchvm.data.storage import read_shards
 from stitchvm.value.model import StitchedValueModel
-from stitchvm.models.world_source import world_path
+from stitchvm.stages.geneval import judge_latents
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.world.evaluation import judge
-from stitchvm.world.evaluator import load_evaluator
 from stitchvm.world.prompt_set import CATEGORIES
-from stitchvm.stages.upstream import (EVAL, prompts_in_split, read_prompts, read_split, read_train_summary,
-                                      value_model_dir)
+from stitchvm.stages.upstream import (EVAL, prompt_specs, prompts_in_split, read_prompts, read_split,
+                                      read_train_summary, value_model_dir)
 
 
 def gate(report: dict, params: Params) -> dict:
@@ -79,16 +77,11 @@ def geneval(params: Params, backbone, z0: torch.Tensor, sample_prompts: list[str
     """The world evaluator's verdicts on the pipeline's own test samples (the base generator, unguided): {category:
     accuracy, "overall"}, and a grid of samples per category with each verdict (reports/geneval_samples.png). None
     unless the backbone is the world's and every test prompt carries a spec (the built-in prompt set)."""
-    if params.backbone.source != "world:sd3" or "spec" not in table.column_names:
+    judged = judge_latents(params, backbone, z0, sample_prompts, prompt_specs(table))
+    if judged is None:
         return None
-    rows = {p: (c, s) for p, c, s in zip(*(table.column(k).to_pylist() for k in ("prompt", "category", "spec")))}
-    if any(rows[p][1] is None for p in sample_prompts):
-        return None
-    evaluator = load_evaluator(world_path("evaluator.safetensors"))
-    pixels = torch.cat([backbone.decode(z0[k:k + 256].to(backbone.device)).float().clamp(-1, 1).cpu()
-                        for k in range(0, len(z0), 256)])
-    categories = [rows[p][0] for p in sample_prompts]
-    accuracy, correct = judge(evaluator, pixels, [json.loads(rows[p][1]) for p in sample_prompts], categories)
+    accuracy, correct, pixels = judged
+    categories = [prompt_specs(table)[p][0] for p in sample_prompts]
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / GENEVAL_GRID).write_bytes(plots.verdict_grid(categories, sample_prompts, pixels, correct,
                                                                   CATEGORIES))

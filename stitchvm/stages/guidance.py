@@ -21,7 +21,8 @@ from stitchvm.stages import plots
 from stitchvm.stages.plots import image_grid
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.tables import format_cell, format_table
-from stitchvm.stages.upstream import prompts_in_split, read_prompts, read_train_summary, value_model_dir
+from stitchvm.stages.geneval import judge_latents
+from stitchvm.stages.upstream import prompt_specs, prompts_in_split, read_prompts, read_train_summary, value_model_dir
 from stitchvm.value.model import StitchedValueModel
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
@@ -30,12 +31,17 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     backbone, reward = models(params)
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device).eval()
-    prompts = prompts_in_split(read_prompts(storage), "test")[:cfg.prompts]
+    table = read_prompts(storage)
+    prompts = prompts_in_split(table, "test")[:cfg.prompts]
     runs: dict[str, MethodRun] = {}
     for method in cfg.methods:
         if progress:
             print(f"guidance: {method} …", flush=True)
         runs[method] = run_method(method, backbone, reward, model, prompts, cfg)
+        judged = judge_latents(params, backbone, runs[method].latents, runs[method].prompts, prompt_specs(table))
+        if judged is not None:  # the independent evaluator: is a reward gain real?
+            accuracy = judged[0]
+            runs[method].row.update(geneval=accuracy.pop("overall"), geneval_by_category=accuracy)
     images = {m: decode_images(backbone, r.latents, cfg.batch_size) for m, r in runs.items()}
     paths.reports.mkdir(parents=True, exist_ok=True)
     grid_dir = paths.reports / "guidance"
@@ -64,6 +70,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                "reward_mean": {r["method"]: r["reward_mean"] for r in rows},
                "sec_per_sample": {r["method"]: r["sec_per_sample"] for r in rows},
                "peak_mem_mb": {r["method"]: r["peak_mem_mb"] for r in rows}}
+    if all("geneval" in r for r in rows):
+        summary["geneval"] = {r["method"]: r["geneval"] for r in rows}
     if "unguided" in runs:
         base = runs["unguided"].row["reward_mean"]
         summary["reward_gain"] = {r["method"]: r["reward_mean"] - base for r in rows if r["method"] != "unguided"}
@@ -90,7 +98,8 @@ def track_guidance(params: Params, storage, report: dict, pngs: dict[str, bytes]
         run_id = None
     cfg = params.mlflow
     metrics = {f"guidance/{r['method']}/{k}": float(r[k]) for r in report["rows"]
-               for k in ("sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std") if r.get(k) is not None}
+               for k in ("sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std", "geneval")
+               if r.get(k) is not None}
     run_id = tracking.log_report(cfg.experiment, report, "guidance.json", pngs, metrics, run_id=run_id,
                                  run_name="guidance", tracking_uri=cfg.tracking_uri)
     return {"logged": True, "run_id": run_id}
@@ -98,7 +107,7 @@ def track_guidance(params: Params, storage, report: dict, pngs: dict[str, bytes]
 
 def format_report(report: dict) -> str:
     """The guidance table of a report (this stage's or `bench guidance`'s): one row per method."""
-    columns = ("method", "resolution", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std",
+    columns = ("method", "resolution", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std", "geneval",
                "tflops_per_step", "saved_activation_gb")
     lines = [f"bench guidance: profile {report['profile']} on {report['device']}", format_table(report["rows"], columns)]
     for res, r in report.get("ratios", {}).items():

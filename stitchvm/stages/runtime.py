@@ -1,6 +1,7 @@
 """What every stage needs at run time: where outputs live, the models, and readable errors for missing inputs."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,28 @@ class Paths:
 
     def storage(self) -> Storage:
         return open_root(self.root, self.storage_options)
+
+
+THREADS_ENV = "STITCHVM_THREADS"
+
+
+def stage_threads(concurrent_steps: int = 1) -> int:
+    """torch's CPU threads for one stage process: $STITCHVM_THREADS where set, else the machine's cores shared among
+    the `concurrent_steps` stage processes that run side by side (a torch process takes every core by default, and
+    two such processes on the same cores run many times slower than one after the other)."""
+    value = os.environ.get(THREADS_ENV)
+    if value is not None:
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV}={value!r}: expected a positive integer (torch threads per stage)")
+        return int(value)
+    return max(1, (os.cpu_count() or 1) // max(1, concurrent_steps))
+
+
+def set_stage_threads(concurrent_steps: int = 1) -> int:
+    """Set torch's CPU threads for this stage process (`stage_threads`); returns the number."""
+    n = stage_threads(concurrent_steps)
+    torch.set_num_threads(n)
+    return n
 
 
 def needs(stage: str) -> str:

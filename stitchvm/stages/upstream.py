@@ -63,6 +63,16 @@ def prompts_in_split(table: pa.Table, split: str) -> list[str]:
     return [p for p, s in zip(table.column("prompt").to_pylist(), table.column("split").to_pylist()) if s == split]
 
 
+def prompt_specs(table: pa.Table) -> dict[str, tuple[str, dict | None]]:
+    """{prompt: (GenEval category, spec or None)} of a `prompts.parquet` table (tables written before the columns
+    existed: "custom", None)."""
+    prompts = table.column("prompt").to_pylist()
+    if "spec" not in table.column_names:
+        return {p: ("custom", None) for p in prompts}
+    return {p: (c, None if s is None else json.loads(s))
+            for p, c, s in zip(prompts, table.column("category").to_pylist(), table.column("spec").to_pylist())}
+
+
 def _rows_where(index: pa.Table, column: str, values) -> torch.Tensor:
     mask = pc.is_in(index.column(column), pa.array(values))
     return torch.tensor(pc.indices_nonzero(mask).to_pylist(), dtype=torch.long)

@@ -1,0 +1,25 @@
+"""GenEval of a stage's samples: the world's independent evaluator (stitchvm/world/evaluator.py) applied to clean
+latents whose prompts carry specs (the built-in prompt set). Used by `evaluate` (the base generator's test samples)
+and `guidance` (every method's samples); never a reward."""
+from __future__ import annotations
+
+import torch
+
+from stitchvm.config import Params
+from stitchvm.models.world_source import world_path
+from stitchvm.world.evaluation import judge
+from stitchvm.world.evaluator import load_evaluator
+
+
+@torch.no_grad()
+def judge_latents(params: Params, backbone, z0: torch.Tensor, prompts: list[str],
+                  specs: dict[str, tuple[str, dict | None]], batch_size: int = 256):
+    """GenEval of clean latents by the world's evaluator: ({category: accuracy, "overall"}, (N,) bool verdicts,
+    (N, 3, H, W) pixels); None unless the backbone is the world's and every prompt has a spec."""
+    if params.backbone.source != "world:sd3" or any(specs.get(p, (None, None))[1] is None for p in prompts):
+        return None
+    evaluator = load_evaluator(world_path("evaluator.safetensors"))
+    pixels = torch.cat([backbone.decode(z0[k:k + batch_size].to(backbone.device, backbone.vae.dtype)).float()
+                        .clamp(-1, 1).cpu() for k in range(0, len(z0), batch_size)])
+    accuracy, correct = judge(evaluator, pixels, [specs[p][1] for p in prompts], [specs[p][0] for p in prompts])
+    return accuracy, correct, pixels
