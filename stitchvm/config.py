@@ -359,12 +359,22 @@ def _check_recipe(recipe) -> None:
 
 @dataclass(frozen=True)
 class ClipTraining:
+    """Contrastive pretraining (`steps`), then a binding phase (`binding_steps` at `binding_lr`) that continues from
+    the pretrained weights rounded to float16 (as shipped) with targeted hard negatives: two groups' attributes
+    exchanged in `binding_swap` of them (stitchvm/world/clip_training.py)."""
+
     steps: int = 1500
     batch_size: int = 256
     lr: float = 1e-3
+    binding_steps: int = 0
+    binding_lr: float = 3e-4
+    binding_swap: float = 0.75
 
     def __post_init__(self):
         _check_recipe(self)
+        _check(self.binding_steps >= 0, "binding_steps must be >= 0")
+        _check(self.binding_lr > 0, "binding_lr must be > 0")
+        _check(0.0 <= self.binding_swap <= 1.0, "binding_swap must lie in [0, 1]")
 
 
 @dataclass(frozen=True)

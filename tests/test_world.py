@@ -129,6 +129,16 @@ def test_captions_specs_and_satisfies():
     for i in range(0, 600, 23):
         for j in range(0, 300, 17):
             assert truth[i, j].item() == _satisfies_by_enumeration(both[i], scene[j]), (i, j)
+    # the binding phase's negatives: every two-group spec that can exchange an attribute does so, at rate `swap`
+    full = torch.where(torch.rand(300, 1, 1, generator=g) < 2, scene, -1)  # full captions of the scenes
+    swappable = ((full[:, 0] >= 0) & (full[:, 1] >= 0) & (full[:, 0] != full[:, 1])).any(1)
+    targeted = scenes.hard_negatives(full, torch.Generator().manual_seed(1), swap=1.0, targeted=True)
+    exchanged = (targeted[:, 0] == full[:, 1]).any(1) & (targeted != full).any(-1).all(-1)
+    assert exchanged[swappable].all()
+    # false of the scene, unless the groups differ in that attribute alone (then the exchange changes nothing)
+    assert scenes.satisfies_each(targeted[swappable], scene[swappable]).float().mean() < 0.05
+    uniform = scenes.hard_negatives(full, torch.Generator().manual_seed(1), swap=1.0)
+    assert (uniform != full).any(-1).all(-1)[swappable].float().mean() < 0.9  # some miss without targeting
     # a spec's caption is a function of the spec alone, and order-free specs are order-free
     swapped = specs.flip(1)
     two = (specs >= 0).any(-1).all(-1)

@@ -26,7 +26,7 @@ from stitchvm.stages.bootstrap import install
 from stitchvm.models import world_source as pretrained
 
 REDUCED_WORLD = {
-    "clip": {"steps": 6, "batch_size": 16},
+    "clip": {"steps": 6, "batch_size": 16, "binding_steps": 2},
     "vae": {"steps": 6, "batch_size": 8},
     "backbone": {"steps": 6, "batch_size": 8},
     "aesthetic": {"steps": 6, "batch_size": 16},

@@ -90,8 +90,18 @@ def _worker(profile_file: str, method: str, root: str | None) -> dict:
     from stitchvm.config import load_params
 
     params = load_params(profile_file)
-    s = setup(params, root)
-    return run_method(method, s.backbone, s.reward, s.value_model, s.prompts, params.guidance).row
+    return judged_row(params, setup(params, root), method)
+
+
+def judged_row(params: Params, s: Setup, method: str) -> dict:
+    """`method`'s row, with the world evaluator's `geneval` columns where its prompts carry specs."""
+    from stitchvm.stages.geneval import geneval_columns
+    from stitchvm.stages.prompts import prompt_table
+    from stitchvm.stages.upstream import prompt_specs
+
+    run = run_method(method, s.backbone, s.reward, s.value_model, s.prompts, params.guidance)
+    return {**run.row, **geneval_columns(params, s.backbone, run.latents, run.prompts,
+                                         prompt_specs(prompt_table(params)))}
 
 
 def _isolated(profile_file: Path, method: str, root: str | None) -> dict:
@@ -138,7 +148,7 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
             if isolate:
                 rows.append(_isolated(profile_path(profile).resolve(), method, root))
             else:
-                rows.append(run_method(method, s.backbone, s.reward, s.value_model, s.prompts, cfg).row)
+                rows.append(judged_row(params, s, method))
         report = {"device": device_name(device), "profile": name, "mode": "run",
                   "backbone": params.backbone.source, "reward": params.reward.source,
                   "value_model": _value_source(params, root) if s is None else s.value_source,

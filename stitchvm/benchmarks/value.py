@@ -12,6 +12,8 @@ the tweedie and monte-carlo rows once per σ (they do not depend on the variant)
 - grouped: batches of `group_size` latents of one prompt sharing t and ε, no ranking term.
 - grouped+rank: the same with the within-group ListNet term (value/training.py).
 - grouped+rank+high-sigma: and t drawn around σ 0.62 (logit-normal mean 0.5), where the headroom is.
+- prompt-head+rank: grouped+rank with the head on the prompt branch (`search.context: prompt`; the search is re-run
+  on the stored probe set for it), so the value reads the prompt it is asked about.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ VARIANTS = {
     "grouped": {"group_size": 8},
     "grouped+rank": {"group_size": 8, "lambda_rank": 1.0},
     "grouped+rank+high-sigma": {"group_size": 8, "lambda_rank": 1.0, "sigma_logit_mean": 0.5},
+    "prompt-head+rank": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt"},
 }
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
 
@@ -59,10 +62,16 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     data, noisy, teacher, _, _ = eval_inputs(params, storage)
     mc, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
     noisy = {s: noisy[s] for s in mc}
+    searched = {}  # context -> search result
     rows, by_category, seconds = [], {}, {}
     for variant in variants:
-        cfg = dataclasses.replace(params.train, **VARIANTS[variant], **({"steps": steps} if steps else {}))
-        model = stitched_from_search(backbone, reward, read_search(storage)).to(backbone.device)
+        changes = dict(VARIANTS[variant])
+        context = changes.pop("context", params.search.context)
+        if context not in searched:
+            searched[context] = read_search(storage) if context == params.search.context else \
+                search_again(params, storage, backbone, reward, context, progress)
+        cfg = dataclasses.replace(params.train, **changes, **({"steps": steps} if steps else {}))
+        model = stitched_from_search(backbone, reward, searched[context]).to(backbone.device)
         start = time.perf_counter()
         train_value_model(model, z0, targets, cfg, params.seed, progress=progress, prompts=train_prompts)
         seconds[variant] = round(time.perf_counter() - start, 1)
@@ -80,6 +89,22 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
               "variants": {v: VARIANTS[v] for v in variants}, "train_seconds": seconds, "rows": rows,
               "by_category": by_category}
     print(tables.format_table(rows, COLUMNS))
+    for variant in variants:
+        print(f"{variant}: " + ", ".join(
+            f"{c} {m['stitchvm'].get('sigma_0.5', {}).get('spearman_within_prompt_vs_mc', float('nan')):.3f}"
+            for c, m in by_category[variant].items()) + "  (within-prompt vs MC at σ 0.5, per category)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def search_again(params, storage, backbone, reward, context: str, progress: bool):
+    """The stitch search on the stored probe set with another CFG branch for the head."""
+    from stitchvm.data.storage import read_shards
+    from stitchvm.stages.upstream import PROBE, samples_for
+    from stitchvm.value.search import search_stitch
+
+    probe, index = read_shards(storage, PROBE, progress=False)
+    z0, prompts = samples_for(storage, params, index.column("sample_id").to_pylist())
+    return search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max, params.search.batch_size,
+                         progress, params.search.upsample, context, prompts)

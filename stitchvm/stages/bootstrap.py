@@ -19,7 +19,7 @@ from stitchvm.stages.runtime import Paths
 
 # One scene stream per model, so retraining one part never shifts another part's data.
 STREAMS = {"world_clip": 1, "world_vae": 2, "world_backbone": 3, "world_aesthetic": 4, "world_report": 5,
-           "world_evaluator": 6}
+           "world_evaluator": 6, "world_clip_binding": 7}
 
 
 def scene_stream(params: Params, stage: str) -> torch.Generator:

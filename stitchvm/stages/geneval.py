@@ -23,3 +23,14 @@ def judge_latents(params: Params, backbone, z0: torch.Tensor, prompts: list[str]
                         .clamp(-1, 1).cpu() for k in range(0, len(z0), batch_size)])
     accuracy, correct = judge(evaluator, pixels, [specs[p][1] for p in prompts], [specs[p][0] for p in prompts])
     return accuracy, correct, pixels
+
+
+def geneval_columns(params: Params, backbone, z0: torch.Tensor, prompts: list[str],
+                    specs: dict[str, tuple[str, dict | None]]) -> dict:
+    """{"geneval": overall, "geneval_by_category": {category: accuracy}} of a method's samples, or {} where the
+    evaluator does not apply (`judge_latents`): the columns a guidance row gains."""
+    judged = judge_latents(params, backbone, z0, prompts, specs)
+    if judged is None:
+        return {}
+    accuracy = dict(judged[0])
+    return {"geneval": accuracy.pop("overall"), "geneval_by_category": accuracy}

@@ -21,7 +21,7 @@ from stitchvm.stages import plots
 from stitchvm.stages.plots import image_grid
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.tables import format_cell, format_table
-from stitchvm.stages.geneval import judge_latents
+from stitchvm.stages.geneval import geneval_columns
 from stitchvm.stages.upstream import prompt_specs, prompts_in_split, read_prompts, read_train_summary, value_model_dir
 from stitchvm.value.model import StitchedValueModel
 
@@ -38,10 +38,9 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
         if progress:
             print(f"guidance: {method} …", flush=True)
         runs[method] = run_method(method, backbone, reward, model, prompts, cfg)
-        judged = judge_latents(params, backbone, runs[method].latents, runs[method].prompts, prompt_specs(table))
-        if judged is not None:  # the independent evaluator: is a reward gain real?
-            accuracy = judged[0]
-            runs[method].row.update(geneval=accuracy.pop("overall"), geneval_by_category=accuracy)
+        # the independent evaluator: is a reward gain real?
+        runs[method].row.update(geneval_columns(params, backbone, runs[method].latents, runs[method].prompts,
+                                                prompt_specs(table)))
     images = {m: decode_images(backbone, r.latents, cfg.batch_size) for m, r in runs.items()}
     paths.reports.mkdir(parents=True, exist_ok=True)
     grid_dir = paths.reports / "guidance"

@@ -130,7 +130,9 @@ class _CaptionIds:
 def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progress: bool = True, *,
                lr: float = 1e-3, weight_decay: float = 0.05, warmup: int | None = None,
                config: CLIPConfig | None = None, eval_every: int = 0, n_eval: int = 2000, seed: int = 0,
-               pos_init_std: float = 0.2, on_step: Callable[[dict], None] | None = None):
+               pos_init_std: float = 0.2, on_step: Callable[[dict], None] | None = None,
+               init: CLIPModel | None = None, swap: float = 0.5, targeted: bool = False,
+               desc: str = "world clip"):
     """Train the world CLIP from scratch on `n_steps` fresh batches of `batch_size` scenes drawn from `generator`.
 
     AdamW (decay on matrices only), linear warm-up (default 5% of the steps) then cosine decay to 5% of `lr`; CLIP's
@@ -140,14 +142,18 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
     zero-shot accuracy on `n_eval` held-out scenes (`HELD_OUT_SEED`) is recorded every `eval_every` steps and at the
     end. Returns `(model, tokenizer, history)`; history is a list of per-step dicts (step, loss, floor, lr,
     logit_scale, seconds: wall time since the start, evaluations included) with a `zero_shot` entry on evaluation
-    steps; `on_step(entry)` is called with each.
+    steps; `on_step(entry)` is called with each. `init`: continue from this model (a copy) instead of a seeded new
+    one; `swap`, `targeted`: how hard negatives exchange attributes between two groups (`scenes.hard_negatives`).
     """
     tokenizer = world_clip_tokenizer()
     config = config or world_clip_config(tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-        torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=pos_init_std)
+    if init is not None:
+        model = copy.deepcopy(init).float()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIPModel(config)
+            torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=pos_init_std)
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -159,11 +165,11 @@ def train_clip(n_steps: int, batch_size: int, generator: torch.Generator, progre
     ids_for = _CaptionIds(tokenizer)
     held_out = held_out_scenes(n_eval) if eval_every else None
     history, shown, start = [], {}, time.perf_counter()
-    bar = tqdm(range(n_steps), disable=not progress, desc="world clip", unit="step")
+    bar = tqdm(range(n_steps), disable=not progress, desc=desc, unit="step")
     for step in bar:
         pixels, _, scene = scenes.make_scenes(batch_size, generator)
         specs = scenes.sample_specs(scene, generator)
-        specs = torch.cat([specs, scenes.hard_negatives(specs, generator)])  # (2B, 2, 4)
+        specs = torch.cat([specs, scenes.hard_negatives(specs, generator, swap, targeted)])  # (2B, 2, 4)
         ids = ids_for(scenes.captions_for(specs))
         img = F.normalize(_vector(model.get_image_features(pixel_values=preprocess(pixels))), dim=-1)
         txt = F.normalize(_vector(model.get_text_features(input_ids=ids)), dim=-1)

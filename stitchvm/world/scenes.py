@@ -244,11 +244,19 @@ def sample_specs(scene: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip[:, None, None], spec.flip(1), spec)
 
 
-def hard_negatives(specs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(n, 2, 4) specs -> (n, 2, 4) minimally edited specs, usually false of the scene the spec describes: half of
-    them exchange one attribute between the two groups (where both mention it with different values), the rest
-    replace one mentioned attribute by another value. Binding, counting and position are then learned from
-    near-identical captions rather than from a bag of words (NegCLIP's recipe)."""
+def hard_negatives(specs: torch.Tensor, generator: torch.Generator, swap: float = 0.5,
+                   targeted: bool = False) -> torch.Tensor:
+    """(n, 2, 4) specs -> (n, 2, 4) minimally edited specs, usually false of the scene the spec describes: about a
+    fraction `swap` of them exchange one attribute between the two groups, the rest replace one mentioned attribute
+    by another value. Binding, counting and position are then learned from near-identical captions rather than from
+    a bag of words (NegCLIP's recipe).
+
+    Which attribute is exchanged: uniformly at random, the exchange happening only where both groups mention it with
+    different values (`targeted=False`: partial captions seldom mention an attribute of both groups, so exchanges,
+    of colours and shapes above all, are rare; the shipped CLIP's pretraining learned count and position but bound
+    colours to shapes at chance this way); or, with
+    `targeted=True`, one among the attributes that can be exchanged, so every two-group caption that can get an
+    exchange gets one with probability `swap` (the world CLIP's binding phase)."""
     g, n = generator, specs.shape[0]
     out, rows = specs.clone(), torch.arange(n)
     mentioned = specs >= 0  # (n, 2, 4)
@@ -259,9 +267,13 @@ def hard_negatives(specs: torch.Tensor, generator: torch.Generator) -> torch.Ten
     shift = 1 + (torch.rand(n, generator=g) * (sizes - 1)).long().clamp(max=sizes - 2)
     out[rows, group, col] = (specs[rows, group, col] + shift) % sizes
     # swap: one attribute exchanged between the groups
-    swap_col = torch.randint(4, (n,), generator=g)
+    swappable = (specs[:, 0] >= 0) & (specs[:, 1] >= 0) & (specs[:, 0] != specs[:, 1])  # (n, 4)
+    if targeted:
+        swap_col = torch.where(swappable, torch.rand(n, 4, generator=g), -1.0).argmax(1)
+    else:
+        swap_col = torch.randint(4, (n,), generator=g)
     a, b = specs[rows, 0, swap_col], specs[rows, 1, swap_col]
-    swap = (torch.rand(n, generator=g) < 0.5) & (a >= 0) & (b >= 0) & (a != b)
+    swap = (torch.rand(n, generator=g) < swap) & swappable[rows, swap_col]
     out[swap] = specs[swap]
     out[rows[swap], 0, swap_col[swap]], out[rows[swap], 1, swap_col[swap]] = b[swap], a[swap]
     return out
