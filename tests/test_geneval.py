@@ -63,18 +63,20 @@ class _Oracle(SceneEvaluator):
 
     def forward(self, pixels):
         idx = torch.tensor([self.key[tuple(p[:, 0, :4].flatten().tolist())] for p in pixels])
-        sizes = {"layout": len(scenes.LAYOUTS), "count": 4, "colour": 8, "shape": 3}
+        sizes = {"layout": len(scenes.LAYOUTS) + 1, "count": 4, "colour": 8, "shape": 3}
         return {name: torch.nn.functional.one_hot(t[idx].clamp(min=0), sizes[name.rstrip("01")]).float()
                 for name, t in self.targets.items()}
 
 
 def test_read_back_scenes_and_verdicts_follow_the_spec():
-    pixels, _, scene = scenes.make_scenes(300, torch.Generator().manual_seed(2))
+    pixels, _, scene = scenes.make_scenes(300, torch.Generator().manual_seed(2), empty=0.2)
+    assert 30 < (scene[:, 0, 0] < 0).sum() < 90  # background-only scenes: every group absent
     oracle = _Oracle(pixels, scene)
     assert torch.equal(predict_scenes(oracle, pixels, batch_size=64), scene)
     rows = prompt_set()
     specs = torch.stack([spec_tensor(rows[k % len(rows)]["spec"]) for k in range(300)])
     assert torch.equal(verdicts(oracle, pixels, specs), scenes.satisfies_each(specs, scene))
+    assert not verdicts(oracle, pixels, specs)[scene[:, 0, 0] < 0].any()  # an empty image satisfies no prompt
     with pytest.raises(ValueError, match="expected"):
         verdicts(oracle, pixels, specs[:5])
 

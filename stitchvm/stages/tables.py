@@ -9,7 +9,7 @@ __all__ = ["EVAL_COLUMNS", "GUIDANCE_COLUMNS", "format_cell", "format_table"]
 EVAL_COLUMNS = ("sigma", "method", "spearman", "spearman_within_prompt", "spearman_within_prompt_vs_mc", "pearson",
                 "recall_at_1", "distill_loss", "ms_per_eval", "peak_mem_mb")
 # the columns of the guidance table (reports/guidance.json's "rows": one per sampler)
-GUIDANCE_COLUMNS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std")
+GUIDANCE_COLUMNS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std", "geneval")
 
 
 def format_cell(value) -> str:

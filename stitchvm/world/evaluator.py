@@ -2,13 +2,14 @@
 
 GenEval decides whether a generated image satisfies its prompt with an object detector and a colour classifier,
 never with the reward being optimised. Here a small CNN, trained on procedurally rendered scenes with exact labels,
-predicts the scene's layout (one group at one of five positions, or two groups left/right or top/bottom) and each
-group's count, colour and shape; `verdicts` then applies the prompt's spec to the predicted scene with
+predicts the scene's layout (no object, one group at one of five positions, or two groups left/right or
+top/bottom) and each group's count, colour and shape; `verdicts` then applies the prompt's spec to the predicted scene with
 `scenes.satisfies`, the same truth the scenes were rendered from. It never serves as a reward, a training target
 or a value: it is how reward gains are checked for being real rather than reward hacking.
 
 Generated images are softer than renders, so training renders are blurred (Gaussian, σ up to 1.2 px), noised and
-shifted in contrast at random. `evaluator_accuracy` is the balanced accuracy of its verdicts per prompt category on
+shifted in contrast at random; `EMPTY` of them are background only, so an image without objects (a washed-out
+sample) is read as empty and satisfies no prompt, instead of being forced into some layout. `evaluator_accuracy` is the balanced accuracy of its verdicts per prompt category on
 held-out renders: every prompt of the category against every held-out scene, the verdict compared with the truth,
 true and false pairs weighted equally (most random pairs are false).
 """
@@ -26,6 +27,8 @@ from stitchvm.world import scenes
 
 HELD_OUT_SEED = 2_000_041
 GROUP_FIELDS = (("count", len(scenes.COUNTS)), ("colour", len(scenes.COLOURS)), ("shape", len(scenes.SHAPES)))
+EMPTY_LAYOUT = len(scenes.LAYOUTS)  # the layout class of a scene without objects
+EMPTY = 0.1  # the fraction of training and held-out renders without objects
 _GROUP_OUT = sum(n for _, n in GROUP_FIELDS)
 
 
@@ -43,11 +46,11 @@ class SceneEvaluator(nn.Module):
         self.features = nn.Sequential(block(3, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
                                       block(2 * w, 4 * w), nn.MaxPool2d(2))  # (B, 4w, 4, 4)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.SiLU(),
-                                  nn.Linear(256, len(scenes.LAYOUTS) + 2 * _GROUP_OUT))
+                                  nn.Linear(256, EMPTY_LAYOUT + 1 + 2 * _GROUP_OUT))
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.head(self.features(pixels))  # (B, 7 + 2 · 15)
-        logits, k = {"layout": out[:, :len(scenes.LAYOUTS)]}, len(scenes.LAYOUTS)
+        out = self.head(self.features(pixels))  # (B, 8 + 2 · 15)
+        logits, k = {"layout": out[:, :EMPTY_LAYOUT + 1]}, EMPTY_LAYOUT + 1
         for g in range(2):
             for name, n in GROUP_FIELDS:
                 logits[f"{name}{g}"] = out[:, k:k + n]
@@ -56,9 +59,10 @@ class SceneEvaluator(nn.Module):
 
 
 def scene_targets(scene: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, 2, 4) scenes -> class targets per head (-1 for the second group of single-group scenes: ignored)."""
+    """(B, 2, 4) scenes -> class targets per head (-1 for absent groups: ignored)."""
     positions = scene[:, :, scenes.POSITION]
     layout = (positions[:, None, :] == scenes.LAYOUT_POSITIONS[None]).all(-1).float().argmax(1)
+    layout[scene[:, 0, scenes.COUNT] < 0] = EMPTY_LAYOUT
     out = {"layout": layout}
     for g in range(2):
         for name, _ in GROUP_FIELDS:
@@ -76,11 +80,13 @@ def predict_scenes(model: SceneEvaluator, pixels: torch.Tensor, batch_size: int 
         logits = model(pixels[k:k + batch_size].to(device, torch.float32))
         layout = logits["layout"].argmax(1).cpu()
         scene = torch.full((len(layout), 2, 4), -1, dtype=torch.long)
-        scene[:, :, scenes.POSITION] = scenes.LAYOUT_POSITIONS[layout]
+        empty = layout == EMPTY_LAYOUT
+        scene[:, :, scenes.POSITION] = scenes.LAYOUT_POSITIONS[layout.clamp(max=EMPTY_LAYOUT - 1)]
         for g in range(2):
             for name, _ in GROUP_FIELDS:
                 scene[:, g, scenes.ATTRIBUTES.index(name)] = logits[f"{name}{g}"].argmax(1).cpu()
         scene[scene[:, 1, scenes.POSITION] < 0, 1] = -1  # single-group layouts have no second group
+        scene[empty] = -1
         out.append(scene)
     return torch.cat(out) if out else torch.empty(0, 2, 4, dtype=torch.long)
 
@@ -123,12 +129,13 @@ def train_evaluator(n_steps: int, batch_size: int, generator: torch.Generator, p
         model = SceneEvaluator()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(n_steps, max(1, n_steps // 20)))
-    held_out = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED)) if eval_every else None
+    held_out = scenes.make_scenes(n_eval, torch.Generator().manual_seed(HELD_OUT_SEED), empty=EMPTY) \
+        if eval_every else None
     history, start = [], time.perf_counter()
     bar = tqdm(range(n_steps), disable=not progress, desc="world evaluator", unit="step")
     for step in bar:
         model.train()
-        pixels, _, scene = scenes.make_scenes(batch_size, generator)
+        pixels, _, scene = scenes.make_scenes(batch_size, generator, empty=EMPTY)
         loss = evaluator_loss(model, augment(pixels, generator), scene)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,7 +168,7 @@ def evaluator_accuracy(model: SceneEvaluator, specs_by_category: dict[str, torch
                        seed: int = HELD_OUT_SEED + 1) -> dict[str, float]:
     """{category: balanced accuracy of the verdicts} over every (prompt, held-out render) pair (module docstring);
     `specs_by_category` maps a category to its prompts' (P, 2, 4) specs."""
-    pixels, _, scene = scenes.make_scenes(n, torch.Generator().manual_seed(seed))
+    pixels, _, scene = scenes.make_scenes(n, torch.Generator().manual_seed(seed), empty=EMPTY)
     predicted = predict_scenes(model, pixels)
     return {c: balanced_accuracy(scenes.satisfies(s, predicted), scenes.satisfies(s, scene))
             for c, s in specs_by_category.items()}

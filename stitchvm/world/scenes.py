@@ -81,8 +81,11 @@ _RADIUS = torch.tensor([[3.4, 5.0], [2.8, 3.6], [2.6, 3.2], [2.1, 2.6]])
 _CHUNK = 512  # keeps the (chunk, 4, 32, 32) temporaries in cache
 
 
-def make_scenes(n: int, generator: torch.Generator, *, with_masks: bool = False, two_groups: float = 0.5):
-    """Draw `n` scenes, a fraction `two_groups` of them (in expectation) with two groups.
+def make_scenes(n: int, generator: torch.Generator, *, with_masks: bool = False, two_groups: float = 0.5,
+                empty: float = 0.0):
+    """Draw `n` scenes, a fraction `two_groups` of them (in expectation) with two groups; with `empty` > 0 that
+    fraction of them is background only (no group: what the evaluator must learn to call empty; the draw is skipped
+    at 0, so scene streams without empty scenes are unchanged).
 
     Returns `(pixels, captions, scene)`: pixels (n, 3, 32, 32) float32 in [-1, 1]; full captions; the scenes as an
     (n, 2, 4) int64 tensor (module docstring). With `with_masks=True` a fourth item is the (n, 32, 32) anti-aliased
@@ -96,6 +99,8 @@ def make_scenes(n: int, generator: torch.Generator, *, with_masks: bool = False,
                          torch.randint(len(SHAPES), (n, 2), generator=g),
                          LAYOUT_POSITIONS[layout]], dim=-1)  # (n, 2, 4)
     scene[~pair, 1] = -1
+    if empty > 0:
+        scene[torch.rand(n, generator=g) < empty] = -1
     u = torch.rand(n, 2, 8, generator=g)  # per-group continuous parameters
     background_u = torch.rand(n, 8, generator=g)
     obj_jitter = torch.rand(n, 2, 4, 2, generator=g) - 0.5  # ±0.5 px per object
