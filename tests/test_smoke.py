@@ -52,9 +52,11 @@ def test_smoke_writes_the_report_and_is_deterministic(tmp_path):
         (s, m) for s in (0.1, 0.5, 0.9) for m in ("stitchvm", "tweedie")]
     keys = {"sigma", "method", "spearman", "spearman_within_prompt", "pearson", "ms_per_eval", "peak_mem_mb"}
     assert all(keys <= set(r) for r in a["eval"])
-    # the built-in prompts carry categories and specs: per-category rows, and the evaluator's verdicts on the samples
-    assert set(a["by_category"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
-    assert a["by_category"] and all(0.0 <= v <= 1.0 for v in a["geneval"].values()) and "overall" in a["geneval"]
+    # the built-in prompts carry categories: per-category rows; the world's evaluator judges only the world's
+    # images (this run's backbone is tiny:sd3), so there is no `geneval` here
+    assert a["by_category"] and set(a["by_category"]) <= {"single_object", "two_object", "counting", "colors",
+                                                          "position", "color_attr"}
+    assert a["params"]["backbone"]["source"] == "tiny:sd3" and "geneval" not in a
     # same params, same numbers (timings aside)
     strip = lambda rep: [{k: v for k, v in r.items() if k not in ("ms_per_eval", "peak_mem_mb")} for r in rep["eval"]]
     assert a["search"] == b["search"] and a["pair"] == b["pair"]

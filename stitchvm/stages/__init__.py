@@ -19,9 +19,9 @@ GRAPH: dict[str, tuple[str, ...]] = {
     "noisy": ("samples",),
     "search": ("noisy", "samples"),
     "train": ("search", "samples", "labels"),
-    "evaluate": ("train", "noisy", "samples", "labels", "prompts"),
+    "evaluate": ("train", "noisy", "samples", "labels", "prompts", "world_evaluator"),
     # consumers of the value model: inference-time guidance (and training-time alignment)
-    "guidance": ("train", "prompts"),
+    "guidance": ("train", "prompts", "world_evaluator"),
     "align": ("train", "prompts"),
 }
 PARTITIONED = ("samples", "labels")  # one partition per shard
