@@ -39,7 +39,7 @@ test: setup
 test-e2e: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m e2e
 
-# Retrain the embedded world (about 25 minutes on 2 cores). Its stages are frozen in dvc.yaml, so that neither
+# Retrain the embedded world (about 45 minutes on 2 cores with nothing else running; docs/results.md). Its stages are frozen in dvc.yaml, so that neither
 # `dvc repro` (even with -f) nor `make clean && make demo` rebuilds the shipped weights by accident.
 FROZEN := frozen: true  \# shipped weights
 world: setup

@@ -413,9 +413,11 @@ class HeadTraining:
 
 @dataclass(frozen=True)
 class WorldReportConfig:
-    """The bootstrap evaluation: zero-shot accuracy on `scenes` held-out scenes; the prompt-pair win rate over
-    `per_prompt` samples for each of the 8 prompts "a {colour} {shape}" (stitchvm/world/evaluation.py), sampled with
-    `steps` Euler steps at CFG `guidance_scale`."""
+    """The bootstrap evaluation: zero-shot and binding accuracy on `scenes` held-out scenes (the evaluator's on twice
+    as many); the prompt-pair win rate over `per_prompt` samples for each of the 8 prompts "a {colour} {shape}",
+    sampled with `steps` Euler steps at CFG `guidance_scale` (stitchvm/world/evaluation.py); the generator's GenEval
+    accuracy over `per_prompt` samples of each built-in test prompt, with the pipeline's sampler (`samples.steps`,
+    `samples.guidance_scale`)."""
 
     scenes: int = 2000
     per_prompt: int = 16

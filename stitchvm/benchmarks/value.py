@@ -23,8 +23,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 from stitchvm.benchmarks import load_profile
 from stitchvm.stages import tables
 
@@ -43,6 +41,7 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     from stitchvm.data.storage import open_root
     from stitchvm.stages.evaluate import eval_inputs, true_values
     from stitchvm.stages.runtime import models
+    from stitchvm.stages.search import search_on_probe
     from stitchvm.stages.upstream import read_search, read_split
     from stitchvm.value.evaluation import evaluate_value_model
     from stitchvm.value.search import stitched_from_search
@@ -69,7 +68,7 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
         context = changes.pop("context", params.search.context)
         if context not in searched:
             searched[context] = read_search(storage) if context == params.search.context else \
-                search_again(params, storage, backbone, reward, context, progress)
+                search_on_probe(params, storage, backbone, reward, context, progress)
         cfg = dataclasses.replace(params.train, **changes, **({"steps": steps} if steps else {}))
         model = stitched_from_search(backbone, reward, searched[context]).to(backbone.device)
         start = time.perf_counter()
@@ -97,14 +96,3 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
-
-def search_again(params, storage, backbone, reward, context: str, progress: bool):
-    """The stitch search on the stored probe set with another CFG branch for the head."""
-    from stitchvm.data.storage import read_shards
-    from stitchvm.stages.upstream import PROBE, samples_for
-    from stitchvm.value.search import search_stitch
-
-    probe, index = read_shards(storage, PROBE, progress=False)
-    z0, prompts = samples_for(storage, params, index.column("sample_id").to_pylist())
-    return search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max, params.search.batch_size,
-                         progress, params.search.upsample, context, prompts)

@@ -77,11 +77,12 @@ def geneval(params: Params, backbone, z0: torch.Tensor, sample_prompts: list[str
     """The world evaluator's verdicts on the pipeline's own test samples (the base generator, unguided): {category:
     accuracy, "overall"}, and a grid of samples per category with each verdict (reports/geneval_samples.png). None
     unless the backbone is the world's and every test prompt carries a spec (the built-in prompt set)."""
-    judged = judge_latents(params, backbone, z0, sample_prompts, prompt_specs(table))
+    specs = prompt_specs(table)
+    judged = judge_latents(params, backbone, z0, sample_prompts, specs)
     if judged is None:
         return None
     accuracy, correct, pixels = judged
-    categories = [prompt_specs(table)[p][0] for p in sample_prompts]
+    categories = [specs[p][0] for p in sample_prompts]
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / GENEVAL_GRID).write_bytes(plots.verdict_grid(categories, sample_prompts, pixels, correct,
                                                                   CATEGORIES))

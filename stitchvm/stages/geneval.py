@@ -3,12 +3,20 @@ latents whose prompts carry specs (the built-in prompt set). Used by `evaluate` 
 and `guidance` (every method's samples); never a reward."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from stitchvm.config import Params
 from stitchvm.models.world_source import world_path
 from stitchvm.world.evaluation import judge
 from stitchvm.world.evaluator import load_evaluator
+
+
+@lru_cache(maxsize=1)
+def _evaluator():
+    """The shipped evaluator, loaded once per process (guidance judges every method with it)."""
+    return load_evaluator(world_path("evaluator.safetensors"))
 
 
 @torch.no_grad()
@@ -18,7 +26,7 @@ def judge_latents(params: Params, backbone, z0: torch.Tensor, prompts: list[str]
     (N, 3, H, W) pixels); None unless the backbone is the world's and every prompt has a spec."""
     if params.backbone.source != "world:sd3" or any(specs.get(p, (None, None))[1] is None for p in prompts):
         return None
-    evaluator = load_evaluator(world_path("evaluator.safetensors"))
+    evaluator = _evaluator()
     pixels = torch.cat([backbone.decode(z0[k:k + batch_size].to(backbone.device, backbone.vae.dtype)).float()
                         .clamp(-1, 1).cpu() for k in range(0, len(z0), batch_size)])
     accuracy, correct = judge(evaluator, pixels, [specs[p][1] for p in prompts], [specs[p][0] for p in prompts])

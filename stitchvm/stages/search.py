@@ -6,19 +6,24 @@ from safetensors.torch import save as save_safetensors
 
 from stitchvm.stages import plots
 from stitchvm.config import Params
-from stitchvm.value.search import search_stitch
+from stitchvm.value.search import SearchResult, search_stitch
 from stitchvm.data.storage import read_shards
 from stitchvm.stages.runtime import Paths, models, needs
 from stitchvm.stages.upstream import PROBE, SEARCH, samples_for
 
 
+def search_on_probe(params: Params, storage, backbone, reward, context: str, progress: bool = True) -> SearchResult:
+    """The stitch search on the stored probe set, the head reading CFG branch `context`."""
+    probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"))
+    z0, prompts = samples_for(storage, params, index.column("sample_id").to_pylist())
+    return search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max, params.search.batch_size,
+                         progress, params.search.upsample, context, prompts)
+
+
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
-    probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"))
-    z0, prompts = samples_for(storage, params, index.column("sample_id").to_pylist())
-    result = search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max,
-                           params.search.batch_size, progress, params.search.upsample, params.search.context, prompts)
+    result = search_on_probe(params, storage, backbone, reward, params.search.context, progress)
     storage.write_table(f"{SEARCH}/table.parquet", pa.Table.from_pylist(result.table))
     storage.write_bytes_atomic(f"{SEARCH}/init.safetensors", save_safetensors(
         {"weight": result.weight.contiguous(), "bias": result.bias.contiguous(),

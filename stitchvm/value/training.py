@@ -176,9 +176,9 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
     if g > 1:
         if prompts is None or len(prompts) != len(z0):
             raise ValueError(f"train.group_size {g} groups latents by prompt: pass one prompt per clean latent")
-        names = list(dict.fromkeys(prompts))
-        group_of = torch.tensor([names.index(p) for p in prompts])
-        members = [torch.nonzero(group_of == k).squeeze(1) for k in range(len(names))]
+        position = {p: k for k, p in enumerate(dict.fromkeys(prompts))}
+        group_of = torch.tensor([position[p] for p in prompts])
+        members = [torch.nonzero(group_of == k).squeeze(1) for k in range(len(position))]
     history = []
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:

@@ -26,7 +26,7 @@ from stitchvm.world import scenes
 from stitchvm.world.aesthetic import image_property
 from stitchvm.world.autoencoder import psnr
 from stitchvm.world.clip_training import binding_accuracy, held_out_scenes, zero_shot_accuracy
-from stitchvm.world.evaluator import SceneEvaluator, evaluator_accuracy, verdicts
+from stitchvm.world.evaluator import SceneEvaluator, verdicts
 from stitchvm.world.prompt_set import CATEGORIES, spec_tensor
 
 # the win-rate check: "a {colour} {shape}" for every colour, the shapes cycling (each colour once, each shape ≥ 2×)

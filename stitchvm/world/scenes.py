@@ -204,23 +204,28 @@ def captions_for(specs: torch.Tensor) -> list[str]:
     return [caption(row) for row in specs.tolist()]
 
 
+def _group_match(spec: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
+    """Broadcast (..., 4) spec groups against (..., 4) scene groups -> (...) bool: every mentioned attribute equal and
+    the scene group present, or the spec group empty (no constraint)."""
+    return ((spec < 0) | (spec == scene)).all(-1) & (scene[..., COUNT] >= 0) | (spec < 0).all(-1)
+
+
+def _assigned(match: torch.Tensor) -> torch.Tensor:
+    """(..., 2, 2) match[a, b] of spec group a and scene group b -> (...) bool: the two spec groups match two
+    different scene groups."""
+    return (match[..., 0, 0] & match[..., 1, 1]) | (match[..., 0, 1] & match[..., 1, 0])
+
+
 def satisfies(specs: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
     """(m, 2, 4) specs and (n, 2, 4) scenes -> (m, n) bool: spec i is true of scene j (module docstring)."""
-    spec = specs[:, :, None, None, :]  # (m, 2, 1, 1, 4)
-    sc = scene[None, None, :, :, :]  # (1, 1, n, 2, 4)
-    equal = ((spec < 0) | (spec == sc)).all(-1) & (sc[..., COUNT] >= 0)  # (m, a, n, b): spec group a ~ scene group b
-    empty = (specs < 0).all(-1)[:, :, None, None]  # (m, 2, 1, 1): no constraint in spec group a
-    match = equal | empty
-    return (match[:, 0, :, 0] & match[:, 1, :, 1]) | (match[:, 0, :, 1] & match[:, 1, :, 0])
+    return _assigned(_group_match(specs[:, None, :, None, :], scene[None, :, None, :, :]))  # via (m, n, 2, 2)
 
 
 def satisfies_each(specs: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:
     """(n, 2, 4) specs and (n, 2, 4) scenes -> (n,) bool: spec i is true of scene i."""
     if specs.shape != scene.shape:
         raise ValueError(f"specs {tuple(specs.shape)} and scenes {tuple(scene.shape)} differ in shape")
-    spec, sc = specs[:, :, None, :], scene[:, None, :, :]  # (n, a, 1, 4), (n, 1, b, 4)
-    match = ((spec < 0) | (spec == sc)).all(-1) & (sc[..., COUNT] >= 0) | (specs < 0).all(-1)[:, :, None]
-    return (match[:, 0, 0] & match[:, 1, 1]) | (match[:, 0, 1] & match[:, 1, 0])
+    return _assigned(_group_match(specs[:, :, None, :], scene[:, None, :, :]))  # via (n, 2, 2)
 
 
 # Partial captions for contrastive and flow training: each mentioned group keeps all its attributes, colour + shape,
