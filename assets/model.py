@@ -6,7 +6,7 @@ import json
 from dagster import AssetCheckResult, AssetCheckSeverity, MaterializeResult, MetadataValue, asset, asset_check
 
 from stitchvm.stages import GRAPH
-from stitchvm.stages.upstream import SEARCH
+from stitchvm.stages.upstream import SEARCH, VALUE_MODEL
 
 from assets.metadata import md_table, png_md, stage_doc as doc
 from assets.resources import MlflowResource, StitchVMResource
@@ -32,7 +32,7 @@ def search(stitchvm: StitchVMResource) -> MaterializeResult:
 
 @asset(group_name=GROUP, deps=list(GRAPH["train"]), pool="gpu", description=doc("train"))
 def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
-    params, paths, summary = stitchvm.run_stage("train")
+    params, paths, summary = stitchvm.run_stage("train")  # the summary with its run record (timings, MLflow run)
     run_id, version = summary.get("run_id"), summary.get("model_version")
     name = params.mlflow.registered_model
     metadata = {
@@ -42,7 +42,7 @@ def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResu
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
         "pair": MetadataValue.json(summary["pair"]),
-        "path": MetadataValue.path(summary["path"]),
+        "path": MetadataValue.path(paths.storage().path(VALUE_MODEL)),  # absolute (the run record's is relative)
         "curve": png_md(paths.storage().read_bytes("train/curve.png"), "training curve"),
         "mlflow_run_id": MetadataValue.text(run_id or "(not tracked)"),
         "model_version": MetadataValue.text(f"{name}/{version}" if version else "(not registered)"),
@@ -56,7 +56,7 @@ def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResu
 
 @asset(group_name=GROUP, deps=list(GRAPH["evaluate"]), pool="gpu", description=doc("evaluate"))
 def evaluate(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResult:
-    params, paths, report = stitchvm.run_stage("evaluate")
+    params, paths, report = stitchvm.run_stage("evaluate")  # rows with their timings (eval.json has none)
     gate, tracked = report["gate"], report.get("mlflow", {})
     (row,) = [r for r in report["eval"] if r["method"] == "stitchvm" and r["sigma"] == gate["sigma"]]
     metadata = {

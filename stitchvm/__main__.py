@@ -9,8 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+from stitchvm import distributed
 from stitchvm.config import ConfigError, load_params
 from stitchvm.stages import GRAPH, PARTITIONED, stage
+
+DATA_PARALLEL = ("samples", "labels", "train")  # the stages that split their work over torchrun's processes
 
 
 def _shards(text: str) -> list[int]:
@@ -49,13 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--count", action="store_true",
                        help="guidance: count FLOPs and saved activations of the arch presets on `meta` (no GPU needed)")
     bench.add_argument("--updates", type=int, default=None, help="align: optimiser updates per method")
+    bench.add_argument("--seeds", default=None, help="align: comma-separated seeds, every method once per seed")
     bench.add_argument("--steps", type=int, default=None, help="value: training steps per variant")
     bench.add_argument("--variants", default=None, help="value: comma-separated variants (default: all)")
+    bench.add_argument("--methods", default=None,
+                       help="guidance: comma-separated methods instead of guidance.methods (e.g. with best-of-n-matched)")
+    bench.add_argument("--sweep", action="append", default=None, metavar="METHOD=S1,S2",
+                       help="guidance: sweep a DPS method's scale on the val prompts (repeatable; JSON default: "
+                            "reports/bench_guidance_sweep.json)")
     for p in sub.choices.values():  # let --params/--no-progress also follow the command
         p.add_argument("--params", default=argparse.SUPPRESS)
         p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    if distributed.launched() and args.command not in DATA_PARALLEL:
+        print(f"stitchvm {args.command}: runs in one process; under torchrun only {', '.join(DATA_PARALLEL)} "
+              f"split their work", file=sys.stderr)
+        return 2
     if args.command == "bench":
         return _bench(args, progress)
     if args.params is None:
@@ -74,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
             run(params, args.out, progress=progress, threads=args.threads)
             return 0
         from stitchvm.stages.runtime import Paths, set_stage_threads
-        set_stage_threads()  # $STITCHVM_THREADS, else every core (one stage per process)
+        distributed.init_from_env()  # under torchrun: join the group before any model is built (a GPU per process)
+        set_stage_threads(distributed.local_world_size())  # $STITCHVM_THREADS, else the cores shared by its ranks
         kwargs = {"shards": args.shards} if args.command in PARTITIONED else {}
         summary = stage(args.command).run(params, Paths.from_params(params), progress=progress, **kwargs)
+        if not distributed.is_main():
+            return 0  # rank 0 prints the summary
     except (FileNotFoundError, ValueError) as e:
         print(f"stitchvm {args.command}: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.close()
     print(json.dumps({k: v for k, v in summary.items() if k not in ("table", "eval")}, indent=2, default=str))
     return 0
 
@@ -89,20 +107,34 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
     if args.count and args.name != "guidance":
         print("stitchvm bench: --count applies to `bench guidance` only", file=sys.stderr)
         return 2
+    if args.sweep and (args.name != "guidance" or args.count):
+        print("stitchvm bench: --sweep applies to `bench guidance` (run mode) only", file=sys.stderr)
+        return 2
+    if args.methods is not None and (args.name != "guidance" or args.count or args.sweep):
+        print("stitchvm bench: --methods applies to `bench guidance` (run mode) only", file=sys.stderr)
+        return 2
+    if args.seeds is not None and args.name != "align":
+        print("stitchvm bench: --seeds applies to `bench align` only", file=sys.stderr)
+        return 2
     if args.updates is not None and (args.name != "align" or args.updates < 1):
         print("stitchvm bench: --updates applies to `bench align` and must be >= 1", file=sys.stderr)
         return 2
     try:
-        if args.name == "guidance":
+        if args.name == "guidance" and args.sweep:
+            from stitchvm.benchmarks import guidance_sweep
+            guidance_sweep.run(args.profile, args.out or "reports/bench_guidance_sweep.json",
+                               guidance_sweep.parse_sweeps(args.sweep), progress=progress)
+        elif args.name == "guidance":
             from stitchvm.benchmarks.guidance import run
-            run(args.profile, out, count=args.count, progress=progress)
+            run(args.profile, out, count=args.count, progress=progress,
+                methods=tuple(args.methods.split(",")) if args.methods else None)
         elif args.name == "value":
             from stitchvm.benchmarks.value import run
             run(args.profile, out, steps=args.steps, progress=progress,
                 variants=args.variants.split(",") if args.variants else None)
         else:
             from stitchvm.benchmarks.align import run
-            run(args.profile, out, updates=args.updates, progress=progress)
+            run(args.profile, out, updates=args.updates, progress=progress, seeds=_seeds(args.seeds))
     except ConfigError as e:
         print(f"stitchvm bench {args.name}: {e}", file=sys.stderr)
         return 2
@@ -112,8 +144,19 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected integers separated by commas") from None
+
+
 def _summary(reports: Path, params, params_file: str) -> int:
-    """Print the evaluation table, guidance and alignment results (where their reports exist) and the outputs."""
+    """Print the evaluation table, guidance and alignment results (where their reports exist) and the outputs; the
+    timings come from the stages' run records (reports/runs/<stage>.json), joined to the DVC metrics' rows."""
+    from stitchvm.stages.run_record import RUNS, join_rows, read_record
     from stitchvm.stages.tables import EVAL_COLUMNS, GUIDANCE_COLUMNS, format_cell, format_table
 
     def load(name: str) -> dict | None:
@@ -127,6 +170,7 @@ def _summary(reports: Path, params, params_file: str) -> int:
 
     try:
         ev, guidance, align = load("eval.json"), load("guidance.json"), load("align.json")
+        runs = {name: read_record(reports, name) or {} for name in ("evaluate", "guidance", "align")}
     except ValueError as e:
         print(f"stitchvm summary: {e}", file=sys.stderr)
         return 1
@@ -148,7 +192,8 @@ def _summary(reports: Path, params, params_file: str) -> int:
                      f"{', '.join(format_cell(s) for s in mc.get('sigmas', []))}")
     if extra:
         lines.append("  " + "; ".join(extra))
-    lines.append(format_table(ev.get("eval", []), EVAL_COLUMNS))
+    lines.append(format_table(join_rows(ev.get("eval", []), runs["evaluate"].get("eval"), ("sigma", "method")),
+                              EVAL_COLUMNS))
     if ev.get("gate"):
         gate = ev["gate"]
         checks = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in gate.get("checks", {}).items())
@@ -156,8 +201,10 @@ def _summary(reports: Path, params, params_file: str) -> int:
         lines.append(f"gate at sigma {format_cell(gate.get('sigma'))}: {verdict}" + (f" ({checks})" if checks else ""))
     if guidance is not None:
         lines += ["", "guidance (guidance.json): true reward of each sampler, same prompts and seeds",
-                  format_table(guidance.get("rows", []), GUIDANCE_COLUMNS)]
+                  format_table(join_rows(guidance.get("rows", []), runs["guidance"].get("rows"), ("method",)),
+                               GUIDANCE_COLUMNS)]
     if align is not None:
+        align = {**align, **{k: v for k, v in runs["align"].items() if k != "curve"}}  # its timings
         lines += ["", f"align (align.json): {align.get('method')}, {align.get('updates')} updates, "
                       f"{format_cell(align.get('sec_per_update'))} s/update",
                   f"  true reward {format_cell(align.get('reward_before'))} -> {format_cell(align.get('reward_after'))}"
@@ -166,8 +213,11 @@ def _summary(reports: Path, params, params_file: str) -> int:
     registered = params.mlflow.registered_model
     # as stitchvm.stages.tracking.tracking_uri (not imported: it imports MLflow)
     uri = params.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    outputs = [(f"{reports}/", ", ".join(sorted(p.name for p in reports.iterdir() if p.is_file()))),
-               (f"{root}/value_model", "the trained value model (StitchedValueModel.from_pretrained)")]
+    outputs = [(f"{reports}/", ", ".join(sorted(p.name for p in reports.iterdir() if p.is_file())))]
+    if (reports / RUNS).is_dir():
+        outputs.append((f"{reports}/{RUNS}/", "run records (wall times, memory, device, MLflow run ids; not hashed by "
+                                              "DVC): " + ", ".join(sorted(p.name for p in (reports / RUNS).iterdir()))))
+    outputs.append((f"{root}/value_model", "the trained value model (StitchedValueModel.from_pretrained)"))
     if align is not None:
         outputs.append((f"{root}/adapter", "the LoRA adapter of `align` (peft format)"))
     outputs.append((uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri,

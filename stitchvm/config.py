@@ -444,7 +444,8 @@ class WorldConfig:
     report: WorldReportConfig = field(default_factory=WorldReportConfig)
 
 
-GUIDANCE_METHODS = ("unguided", "dps-tweedie", "dps-stitchvm", "fk-tweedie", "fk-stitchvm", "best-of-n")
+GUIDANCE_METHODS = ("unguided", "dps-tweedie", "dps-stitchvm", "fk-tweedie", "fk-stitchvm", "fk-tweedie-noselect",
+                    "fk-stitchvm-noselect", "best-of-n", "best-of-n-matched")  # stitchvm/guidance/methods.py
 
 
 def parse_schedule(text: str) -> tuple[str, tuple[float, ...]]:
@@ -476,7 +477,7 @@ class GuidanceConfig:
     on `arch` sizes, counting mode). `count_resolutions`: pixel sizes of the counting mode (`bench guidance --count`).
     """
 
-    methods: tuple[str, ...] = GUIDANCE_METHODS
+    methods: tuple[str, ...] = ("unguided", "dps-tweedie", "dps-stitchvm", "fk-tweedie", "fk-stitchvm", "best-of-n")
     steps: int = 10
     guidance_scale: float = 4.5
     eta: float = 1.0
@@ -503,6 +504,10 @@ class GuidanceConfig:
         bad = [m for m in self.methods if m not in GUIDANCE_METHODS]
         _check(not bad, f"unknown method {bad[0]!r} in methods (known: {', '.join(GUIDANCE_METHODS)})" if bad else "")
         _check(len(set(self.methods)) == len(self.methods), "methods must not repeat")
+        if "best-of-n-matched" in self.methods:  # its N comes from the times measured before it
+            before = self.methods[:self.methods.index("best-of-n-matched")]
+            _check("unguided" in before and "fk-stitchvm" in before,
+                   "methods: best-of-n-matched must come after unguided and fk-stitchvm (it matches their times)")
         _check(self.steps >= 1, "steps must be >= 1")
         _check(self.guidance_scale >= 0, "guidance_scale must be >= 0")
         _check(0.0 <= self.eta <= 1.0, "eta must lie in [0, 1]")

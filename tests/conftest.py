@@ -44,6 +44,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory):
+    """One `dvc repro` of the reduced default profile in a fresh git repository (tests/test_dvc.py's build_project),
+    built once per session: tests/test_dvc.py checks it and tests/test_readme.py runs the README against its MLflow
+    store."""
+    from test_dvc import build_project  # tests/ is on sys.path (no __init__.py): the module pytest collects
+
+    return build_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def s3_options():
     """A real local S3 server (moto) on 127.0.0.1 with a bucket named `bucket`; yields s3fs storage options."""
     from moto.server import ThreadedMotoServer

@@ -346,6 +346,15 @@ def test_align_stage_end_to_end(backbone, reward, tmp_path, monkeypatch):
     for f in ("align.json", "align_curve.png", "align_grid.png"):
         assert (tmp_path / "reports" / f).stat().st_size > 0
     assert json.loads((tmp_path / "reports" / "align.json").read_text())["method"] == "nft-stitchvm"
+    # what DVC hashes holds no run facts (times, run ids, folders): the run record does, with the wall-time plot
+    report, record = (json.loads((tmp_path / "reports" / f).read_text()) for f in ("align.json", "runs/align.json"))
+    assert report == json.loads((tmp_path / "data" / "align" / "summary.json").read_text())
+    assert not {"seconds", "train_seconds", "sec_per_update", "sampling_s", "run_id", "adapter"} & set(report)
+    assert not any("wall_s" in r for r in report["curve"]) and report["curve_png"] == "reports/align_curve.png"
+    assert record["run_id"] == summary["run_id"] and record["adapter"] == "data/adapter"  # relative to the repo
+    assert record["sec_per_update"] == summary["sec_per_update"]
+    assert [set(r) for r in record["curve"]] == [{"step", "wall_s"}] * 3
+    assert (tmp_path / "reports" / "runs" / "align_curve_wall.png").stat().st_size > 0
     adapter = tmp_path / "data" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     # the saved adapter reproduces the evaluated reward
@@ -378,6 +387,23 @@ def test_benchmark_row_and_table(tmp_path):
     assert row["sec_per_update"] > 0 and row["sampling_s"] > 0 and 1 <= row["mean_tau"] <= 2
     assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
     assert np.isfinite(row["reward_before"]) and np.isfinite(row["reward_after"])
+    # evaluated at update 0 (the base model), then every eval_every and at the end; wall time grows
+    assert [r["step"] for r in row["curve"]] == [0, 1, 2]  # eval_every 1 (the default)
+    assert row["curve"][0]["wall_s"] == 0 < row["curve"][1]["wall_s"] < row["curve"][2]["wall_s"]
+    assert row["reward_before"] == row["curve"][0]["eval_reward"] and row["reward_after"] == row["curve"][-1]["eval_reward"]
+    assert row["geneval_before"] == row["curve"][0]["geneval"] and row["geneval_after"] == row["curve"][-1]["geneval"]
+    assert all(r["geneval"] is None or 0 <= r["geneval"] <= 1 for r in row["curve"])
     table = format_table({"device": "cpu", "profile": "x", "updates": 2, "value_model": row["value_model"],
                           "rows": [row], "speedup": {"nft": 1.8}})
     assert "nft-stitchvm" in table and "speedup per update (nft / nft-stitchvm): 1.8x" in table
+
+
+def test_seconds_to_reach_is_the_first_crossing():
+    from stitchvm.benchmarks.align import seconds_to_reach
+
+    curve = [{"wall_s": 0.0, "geneval": 0.3}, {"wall_s": 5.0, "geneval": 0.5}, {"wall_s": 9.0, "geneval": 0.4},
+             {"wall_s": 12.0, "geneval": 0.6}]
+    assert seconds_to_reach(curve, 0.5) == 5.0 and seconds_to_reach(curve, 0.55) == 12.0
+    assert seconds_to_reach(curve, 0.3) == 0.0 and seconds_to_reach(curve, 0.7) is None
+    assert seconds_to_reach(curve, None) is None
+    assert seconds_to_reach([{"wall_s": 1.0, "geneval": None}], 0.1) is None

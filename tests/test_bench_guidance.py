@@ -1,4 +1,5 @@
 """`bench guidance` (run and counting modes), best-of-N, the `guidance` stage and its config."""
+import dataclasses
 import json
 import math
 
@@ -8,8 +9,11 @@ import torch.nn.functional as F
 import yaml
 
 from stitchvm.benchmarks import counting
-from stitchvm.benchmarks.guidance import run as bench
-from stitchvm.config import ConfigError, GUIDANCE_METHODS, ModelSpec, Params, RewardSpec, from_dict, GuidanceConfig
+from stitchvm.benchmarks import guidance_sweep
+from stitchvm.benchmarks.guidance import judged_row, run as bench, setup
+from stitchvm.config import (ConfigError, GUIDANCE_METHODS, ModelSpec, Params, RewardSpec, from_dict, GuidanceConfig,
+                             load_params)
+from stitchvm.guidance.methods import matched_best_of_n
 from stitchvm.diffusion.sampling import sample
 from stitchvm.guidance.fk import best_of_n
 
@@ -42,7 +46,7 @@ def profile(tmp_path, name="tiny", **guidance) -> str:
 @pytest.fixture(scope="module")
 def bench_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    prof = profile(tmp)
+    prof = profile(tmp, methods=list(GUIDANCE_METHODS))
     first = bench(prof, str(tmp / "out.json"), progress=False, root=str(tmp / "root"), isolate=False)
     second = bench(prof, "", progress=False, root=str(tmp / "root"), isolate=False)
     return tmp, first, second
@@ -64,10 +68,53 @@ def test_bench_json_has_every_method_with_finite_numbers(bench_runs):
 
 def test_bench_reward_is_deterministic(bench_runs):
     _, first, second = bench_runs
-    assert [r["reward_mean"] for r in first["rows"]] == [r["reward_mean"] for r in second["rows"]]
-    assert [r["reward_std"] for r in first["rows"]] == [r["reward_std"] for r in second["rows"]]
+    # best-of-n-matched's N comes from measured times, so only the others are compared
+    fixed = [(a, b) for a, b in zip(first["rows"], second["rows"]) if a["method"] != "best-of-n-matched"]
+    assert [a["reward_mean"] for a, _ in fixed] == [b["reward_mean"] for _, b in fixed]
+    assert [a["reward_std"] for a, _ in fixed] == [b["reward_std"] for _, b in fixed]
     by = {r["method"]: r["reward_mean"] for r in first["rows"]}
     assert by["best-of-n"] >= by["unguided"]  # candidate 0 of best-of-N is the unguided sample
+
+
+def test_best_of_n_matched_takes_the_n_of_fk_stitchvms_time(bench_runs):
+    _, first, _ = bench_runs
+    by = {r["method"]: r for r in first["rows"]}
+    n = max(1, round(by["fk-stitchvm"]["sec_per_sample"] / by["unguided"]["sec_per_sample"]))
+    assert by["best-of-n-matched"]["n"] == n and by["best-of-n"]["n"] == SMALL_GUIDANCE["best_of_n"]
+    assert by["best-of-n-matched"]["reward_mean"] >= by["unguided"]["reward_mean"]
+
+
+def test_matched_n_needs_its_reference_times():
+    assert matched_best_of_n({"unguided": 0.1, "fk-stitchvm": 0.46}) == 5
+    assert matched_best_of_n({"unguided": 0.1, "fk-stitchvm": 0.01}) == 1
+    with pytest.raises(ValueError, match="list 'fk-stitchvm' before it"):
+        matched_best_of_n({"unguided": 0.1})
+
+
+def test_sweep_scale_zero_is_unguided_and_best_is_by_geneval(tmp_path):
+    report = guidance_sweep.run(profile(tmp_path), tmp_path / "sweep.json", {"dps-stitchvm": [0.0, 5.0]},
+                                progress=False, root=str(tmp_path / "root"))
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert report["split"] == "val" and [r["scale"] for r in report["rows"]] == [0.0, 5.0]
+    params = load_params(profile(tmp_path))
+    s = dataclasses.replace(setup(params, str(tmp_path / "root")), prompts=report["prompts"])
+    unguided = judged_row(params, s, "unguided", params.guidance)
+    assert report["rows"][0]["reward_mean"] == unguided["reward_mean"]  # DPS at scale 0 is the base sampler
+    rows = [{"method": "m", "scale": 1.0, "geneval": 0.5, "reward_mean": 2.0},
+            {"method": "m", "scale": 3.0, "geneval": 0.75, "reward_mean": 1.0},
+            {"method": "m", "scale": 9.0, "geneval": 0.75, "reward_mean": 1.5}]
+    assert guidance_sweep.best_scales(rows) == {"m": 9.0}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fk-stitchvm=1,2", "METHOD one of dps-tweedie, dps-stitchvm"),
+    ("dps-stitchvm=", "expected METHOD=S1,S2"),
+    ("dps-stitchvm=1,x", "scales must be numbers"),
+    ("dps-tweedie=-1", "scales must be >= 0"),
+])
+def test_sweep_arguments_fail_with_messages(text, message):
+    with pytest.raises(ValueError, match=message):
+        guidance_sweep.parse_sweeps([text])
 
 
 def test_isolated_worker_matches_in_process(bench_runs, tmp_path):
@@ -167,6 +214,12 @@ def test_guidance_stage_writes_report_grids_and_mlflow(tmp_path):
     report = json.loads((tmp_path / "reports" / "guidance.json").read_text())
     assert [r["method"] for r in report["rows"]] == ["unguided", "dps-stitchvm", "best-of-n"]
     assert report["value_model"]["i"] == 3 and len(report["prompts"]) == 1
+    # timings, the device and the value model's folder are the run record's (DVC hashes guidance.json)
+    record = json.loads((tmp_path / "reports" / "runs" / "guidance.json").read_text())
+    assert not any({"sec_per_sample", "peak_mem_mb"} & set(r) for r in report["rows"])
+    assert "device" not in report and "path" not in report["value_model"]
+    assert [r["method"] for r in record["rows"]] == [r["method"] for r in report["rows"]]
+    assert all(r["sec_per_sample"] > 0 for r in record["rows"]) and record["mlflow"] == summary["mlflow"]
     for png in [summary["grid"], *summary["grids"].values()]:
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert set(summary["grids"]) == {"guidance/dps-stitchvm.png", "guidance/best-of-n.png"}
@@ -189,6 +242,8 @@ def test_guidance_stage_writes_report_grids_and_mlflow(tmp_path):
     ({"window": [0.5]}, "guidance: window must be"),
     ({"best_of_n": 0}, "guidance: best_of_n must be >= 1"),
     ({"steps": "ten"}, "guidance.steps: expected int"),
+    ({"methods": ["unguided", "best-of-n-matched", "fk-stitchvm"]},
+     "best-of-n-matched must come after unguided and fk-stitchvm"),
 ])
 def test_guidance_config_fails_with_the_key_path(guidance, message):
     with pytest.raises(ConfigError, match=message):

@@ -92,6 +92,11 @@ def test_dvc_stages_call_the_library_and_name_real_files_and_params():
         for out in _paths(s.get("outs")) + _paths(s.get("metrics")):  # shared state stays out of DVC
             assert not any(_under(out, p) for p in ("mlflow.db", "mlruns", "checkpoints")), out
     assert _paths(stages["evaluate"]["metrics"]) == ["reports/eval.json"]
+    # the prompt source is a dep whatever it is: the built-in set's module, or a file under the committed prompts/
+    assert {"stitchvm/world/prompt_set.py", "prompts"} <= set(_paths(stages["prompts"]["deps"]))
+    # the run records (timings, run ids) are never DVC's: DVC would hash them
+    assert not any(_under(p, "reports/runs") for s in stages.values()
+                   for p in _paths(s.get("outs")) + _paths(s.get("metrics")) + _paths(s.get("plots")))
     # the shipped world is never rebuilt by `dvc repro` (not even -f): only `make world` unfreezes its stages
     assert {name for name, s in stages.items() if s.get("frozen")} == set(BOOTSTRAP)
     top = {k: v for e in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
@@ -136,10 +141,16 @@ needs_dvc = pytest.mark.skipif(not (VENV_BIN / "dvc").is_file() or shutil.which(
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(dvc_project):
+    """The session's project (conftest.py builds it once with build_project; tests/test_readme.py reads it too)."""
+    return dvc_project
+
+
+def build_project(tmp_path_factory) -> dict:
     """A fresh git repository holding the project's code and DVC files, after one `dvc repro` on reduced params."""
     root = tmp_path_factory.mktemp("dvc-project")
     shutil.copytree(ROOT / "stitchvm", root / "stitchvm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "prompts", root / "prompts")  # a dep of `prompts`
     (root / ".dvc").mkdir()
     # dvc.lock too: the shipped world is up to date with it, so repro skips the (long) bootstrap stages, as for a user
     (root / "reports").mkdir()
@@ -147,7 +158,7 @@ def project(tmp_path_factory):
     for name in ("dvc.yaml", "dvc.lock", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", *world_reports):
         shutil.copy2(ROOT / name, root / name)
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), REDUCED)
-    params["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    params["mlflow"]["tracking_uri"] = "sqlite:///mlflow.db"  # relative: each clone of the project tracks its own runs
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(root, "git", "init", "-q")
     for key, value in (("user.name", "stitchvm tests"), ("user.email", "tests@stitchvm.invalid")):
@@ -155,14 +166,25 @@ def project(tmp_path_factory):
     _run(root, "git", "add", "-A")
     _run(root, "git", "commit", "-q", "-m", "project")
     first = _run(root, DVC, "repro")
-    return {"root": root, "params": params, "first": first}
+    # what this repro recorded, before later tests change the workspace (`dvc exp run`)
+    recorded = {name: (root / name).read_bytes() for name in ("dvc.lock", *_metrics(dvc_stages()))}
+    return {"root": root, "params": params, "first": first, "recorded": recorded}
+
+
+def _metrics(stages: dict) -> list[str]:
+    return [m for s in stages.values() for m in _paths(s.get("metrics"))]
+
+
+def _out_hashes(lock: bytes) -> dict[str, str]:
+    """path -> md5 of every out in a dvc.lock (metrics and plots are outs there too)."""
+    return {o["path"]: o["md5"] for s in yaml.safe_load(lock)["stages"].values() for o in s.get("outs", [])}
 
 
 def _registry(project) -> dict:
     """alias -> version of the registered value model in the project's MLflow store."""
     from mlflow.tracking import MlflowClient
 
-    uri = project["params"]["mlflow"]["tracking_uri"]
+    uri = f"sqlite:///{project['root'] / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # an earlier test may have set the global registry
     return dict(client.get_registered_model(REGISTERED).aliases)
 
@@ -204,7 +226,8 @@ def test_second_repro_runs_nothing(project):
 @pytest.mark.e2e
 def test_train_and_evaluate_publish_to_the_registry(project):
     root = project["root"]
-    summary = json.loads((root / "data/train/summary.json").read_text())
+    summary = json.loads((root / "reports/runs/train.json").read_text())  # the run record names the run and version
+    assert "model_version" not in json.loads((root / "data/train/summary.json").read_text())
     aliases = _registry(project)
     assert str(aliases["candidate"]) == summary["model_version"]
     if json.loads((root / "reports/eval.json").read_text())["gate"]["passed"]:
@@ -224,6 +247,42 @@ def test_metrics_and_plots_show(project):
                 if isinstance(e, dict) and "reports/eval_plot.json" in e]
     assert title in html and "eval.png" in html
     assert '"field": "step"' not in html  # the σ plot is drawn once, from the top-level definition
+
+
+@needs_dvc
+@pytest.mark.e2e
+def test_a_clean_clone_records_the_same_hashes_and_tracks_the_prompt_file(project, tmp_path):
+    """Issue 17: every out is a pure function of params, code and inputs. A clean clone (its own DVC cache, MLflow
+    store and checkpoints) reproduces the pipeline and records every out's md5 as the first repro did; the run facts
+    went to the run records instead."""
+    clone = tmp_path / "clone"
+    _run(tmp_path, "git", "clone", "-q", str(project["root"]), str(clone))
+    assert _ran(_run(clone, DVC, "repro")) == [name for name in GRAPH if name not in BOOTSTRAP]  # nothing restored
+    first, again = _out_hashes(project["recorded"]["dvc.lock"]), _out_hashes((clone / "dvc.lock").read_bytes())
+    assert set(again) == set(first)
+    assert {p: again[p] for p in first if again[p] != first[p]} == {}, "outs that differ between two identical runs"
+    for stage in ("train", "evaluate", "guidance", "align"):
+        assert json.loads((clone / "reports/runs" / f"{stage}.json").read_text()), stage
+    # `dvc metrics diff` between the two runs shows no change
+    for key, value in (("user.name", "stitchvm tests"), ("user.email", "tests@stitchvm.invalid")):
+        _run(clone, "git", "config", key, value)
+    _run(clone, "git", "add", "-A")
+    _run(clone, "git", "commit", "-q", "-m", "second run")
+    for name in _metrics(dvc_stages()):
+        (clone / name).write_bytes(project["recorded"][name])
+    assert json.loads(_run(clone, DVC, "metrics", "diff", "--json").stdout or "{}") == {}
+
+    # the prompt file is a dependency of `prompts`: editing it makes `dvc status` report the stage changed
+    (clone / "prompts/e2e.txt").write_text("".join(f"prompt number {k}\n" for k in range(6)))
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["prompts"]["source"] = "prompts/e2e.txt"
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(clone, DVC, "repro", "--single-item", "prompts")
+    assert "prompts" not in _run(clone, DVC, "status", "prompts").stdout
+    with open(clone / "prompts/e2e.txt", "a") as f:
+        f.write("one more prompt\n")
+    status = _run(clone, DVC, "status", "prompts").stdout
+    assert "prompts:" in status and "changed deps" in status, status
 
 
 @needs_dvc

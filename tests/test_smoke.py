@@ -100,10 +100,12 @@ def test_format_table_right_aligns_and_formats_cells():
 
 
 def _fake_reports(folder: Path, consumers: bool = True) -> None:
-    folder.mkdir()
+    """The DVC metrics (quality only) and the run records (their timings, keyed by sigma and method / by method)."""
+    (folder / "runs").mkdir(parents=True)
     rows = [{"sigma": s, "method": m, "spearman": 0.5, "spearman_within_prompt": 0.25, "pearson": 0.75,
-             "distill_loss": 0.125, "recall_at_1": 1.0, "ms_per_eval": 1.5, "peak_mem_mb": 30.0}
-            for s in (0.1, 0.5) for m in ("stitchvm", "tweedie")]
+             "distill_loss": 0.125, "recall_at_1": 1.0} for s in (0.1, 0.5) for m in ("stitchvm", "tweedie")]
+    (folder / "runs" / "evaluate.json").write_text(json.dumps({
+        "eval": [{"sigma": r["sigma"], "method": r["method"], "ms_per_eval": 1.5, "peak_mem_mb": 30.0} for r in rows]}))
     (folder / "eval.json").write_text(json.dumps({
         "eval": rows, "trivial_loss": 1.177, "teacher_recall_at_1": 0.99,
         "gate": {"sigma": 0.5, "checks": {"spearman_within_prompt": False, "loss_below_trivial": True},
@@ -111,12 +113,18 @@ def _fake_reports(folder: Path, consumers: bool = True) -> None:
         "by_sigma": {"stitchvm": {"sigma_0.1": {"spearman": 0.5}}}}))
     if consumers:
         (folder / "guidance.json").write_text(json.dumps({
-            "device": "cpu", "value_model": {"path": "data/value_model", "i": 6, "j": 1},
-            "rows": [{"method": m, "sec_per_sample": 0.01, "peak_mem_mb": 16.0, "reward_mean": r, "reward_std": 1.0,
-                      "samples": 24, "steps": 10} for m, r in (("unguided", 13.03), ("dps-stitchvm", 13.28))]}))
+            "value_model": {"i": 6, "j": 1},
+            "rows": [{"method": m, "reward_mean": r, "reward_std": 1.0, "samples": 24, "steps": 10}
+                     for m, r in (("unguided", 13.03), ("dps-stitchvm", 13.28))]}))
+        (folder / "runs" / "guidance.json").write_text(json.dumps({
+            "device": "cpu", "value_model": {"path": "data/value_model"},
+            "rows": [{"method": m, "sec_per_sample": t, "peak_mem_mb": 16.0}
+                     for m, t in (("unguided", 0.01), ("dps-stitchvm", 0.03))]}))
         (folder / "align.json").write_text(json.dumps({
             "method": "nft-stitchvm", "updates": 60, "reward_before": 11.12, "reward_after": 11.66,
-            "reward_gain": 0.54, "sec_per_update": 1.47, "curve": [{"step": 0, "eval_reward": 11.12}]}))
+            "reward_gain": 0.54, "curve": [{"step": 0, "eval_reward": 11.12}]}))
+        (folder / "runs" / "align.json").write_text(json.dumps({
+            "sec_per_update": 1.47, "curve": [{"step": 0, "wall_s": 0.0}]}))
 
 
 def test_summary_prints_the_evaluation_and_where_the_outputs_are(tmp_path, capsys, monkeypatch):
@@ -133,6 +141,10 @@ def test_summary_prints_the_evaluation_and_where_the_outputs_are(tmp_path, capsy
     assert sum(line.split()[:2] in (["0.1", "stitchvm"], ["0.5", "tweedie"]) for line in lines) == 2
     assert "(i, j) = (6, 1)" in out and "gate at sigma 0.5: not passed" in out
     assert "dps-stitchvm" in out and "11.12 -> 11.66" in out
+    # the timings come from the run records, each on its own row
+    guidance = next(line for line in lines if line.split()[:1] == ["dps-stitchvm"])
+    assert guidance.split()[1:3] == ["0.03", "16"] and "1.47 s/update" in out
+    assert f"{reports}/runs/" in out
     assert max(len(line) for line in lines) < 160  # short lines, not `dvc metrics show`'s thousands of columns
     params = load_params(ROOT / "params.yaml")
     for where in (f"{reports}/", f"{params.storage.root}/value_model", f"{params.storage.root}/adapter", "mlflow.db",

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -95,6 +96,31 @@ def test_only_the_trainable_part_is_logged(logged):
                                                                       ("prompts", np.dtype(str), (-1,))]
 
 
+def test_the_model_is_logged_from_code_with_an_input_example(logged, backbone):
+    """Loading runs the logged value_pyfunc.py (nothing is unpickled); the stored example is a valid input."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged["version"].source,
+                                                     dst_path=str(logged["root"] / "download-code")))
+    assert (local / "value_pyfunc.py").is_file() and not list(local.rglob("*.pkl"))
+    info = mlflow.models.get_model_info(logged["version"].source)
+    assert info.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
+    size = backbone.image_size // backbone.vae_scale
+    assert example["latents"].shape == (2, backbone.latent_channels, size, size) and example["t"].shape == (2,)
+    values = mlflow.pyfunc.load_model(logged["version"].source).predict(
+        {"latents": np.asarray(example["latents"], np.float32), "t": np.asarray(example["t"], np.float32),
+         "prompts": np.asarray(example["prompts"], dtype=str)})
+    assert values.shape == (2,) and np.isfinite(values).all()
+
+
+def test_the_version_says_what_it_stitches(logged, backbone):
+    version = logged["version"]
+    assert {k: version.tags[k] for k in ("stitch.i", "stitch.j", "backbone", "reward")} == {
+        "stitch.i": "2", "stitch.j": "1", "backbone": "tiny:sd3", "reward": "tiny:clip"}
+    assert "\n" not in version.description and "not evaluated yet" in version.description
+    # tiny:sd3's position table is larger than its native grid: H and W stay free in the signature
+    assert tracking.model_latent_shape(logged["model"]) == (backbone.latent_channels, -1, -1)
+
+
 def test_candidate_alias_then_promotion_to_champion(logged):
     client, version = MlflowClient(), logged["version"]
     assert version.name == NAME and version.aliases == ["candidate"] and version.run_id == logged["run_id"]
@@ -133,7 +159,13 @@ BAD_INPUTS = [  # (what is wrong, change to the good inputs, the message)
     ("wrong channels", lambda x: {**x, "latents": x["latents"][:, :2]}, r"must have \d+ channels"),
     ("odd grid", lambda x: {**x, "latents": x["latents"][..., :-1]}, r"H and W divisible by"),
     ("grid too large", lambda x: {**x, "latents": np.tile(x["latents"], (1, 1, 40, 40))}, r"at most"),
-    ("strings as latents", lambda x: {**x, "latents": x["latents"].astype(str)}, r"'latents' must hold real numbers"),
+    ("strings as latents", lambda x: {**x, "latents": x["latents"].astype(str)}, r"'latents' must hold floats"),
+    ("integers as t", lambda x: {**x, "t": np.array([0, 1, 1])}, r"'t' must hold floats.*int64"),
+    ("objects as latents", lambda x: {**x, "latents": x["latents"].astype(object)}, r"'latents' must hold floats"),
+    ("ragged latents", lambda x: {**x, "latents": [x["latents"][0], x["latents"][1, :2]]},
+     r"'latents' is not a rectangular array"),
+    ("float64 beyond float32", lambda x: {**x, "latents": np.full(x["latents"].shape, 1e300)},
+     r"'latents' holds \d+ non-finite values"),
     ("numbers as prompts", lambda x: {**x, "prompts": np.arange(3)}, r"'prompts' must hold strings"),
 ]
 
@@ -170,3 +202,100 @@ def test_tracking_uri_prefers_the_environment(monkeypatch):
     assert tracking.tracking_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/elsewhere.db")
     assert tracking.tracking_uri("sqlite:///x.db") == "sqlite:////tmp/elsewhere.db"
+
+
+# ---- the latent grid ------------------------------------------------------------------------------------------------
+def grid_model(native: int, max_patches: int | None, patch: int = 2, channels: int = 4) -> SimpleNamespace:
+    """What check_latent_grid reads of a value model: its head's SD3 patch embedding."""
+    embed = SimpleNamespace(height=native // patch, width=native // patch, patch_size=patch,
+                            pos_embed_max_size=max_patches, proj=SimpleNamespace(in_channels=channels))
+    return SimpleNamespace(head=SimpleNamespace(pos_embed=embed))
+
+
+def test_a_table_no_larger_than_the_native_grid_fixes_the_grid():
+    world = grid_model(native=8, max_patches=4)  # the embedded world: 8 × 8 latents, a 4 × 4 position table
+    assert tracking.fixed_latent_grid(world) == (8, 8) and tracking.model_latent_shape(world) == (4, 8, 8)
+    tracking.check_latent_grid(world, (3, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"'latents' must be \(B, 4, 8, 8\).*got shape \(3, 4, 16, 16\)"):
+        tracking.check_latent_grid(world, (3, 4, 16, 16))
+    with pytest.raises(ValueError, match=r"'latents' must be \(B, 4, 8, 8\)"):  # a crop it never saw at that size
+        tracking.check_latent_grid(world, (3, 4, 4, 4))
+    sd3 = grid_model(native=128, max_patches=192)  # SD3.5-Large: several resolutions
+    assert tracking.fixed_latent_grid(sd3) is None and tracking.model_latent_shape(sd3) == (4, -1, -1)
+    tracking.check_latent_grid(sd3, (1, 4, 96, 160))
+
+
+# ---- promotion: the gate, then beating the champion ----------------------------------------------------------------
+def gate(spearman: float, passed: bool = True) -> dict:
+    return {"sigma": 0.5, "checks": {"spearman_within_prompt": passed, "loss_below_trivial": True},
+            "passed": passed, "spearman_within_prompt": spearman, "distill_loss": 0.1, "trivial_loss": 0.2}
+
+
+@pytest.fixture
+def versions(logged, request):
+    """A fresh registered model in the real store with `n` versions (all pointing at the logged model's files)."""
+    client = MlflowClient()
+    name = f"promotion-{request.node.name}".replace("[", "-").replace("]", "")
+    client.create_registered_model(name)
+
+    def make(n: int) -> tuple[str, list[str]]:
+        return name, [client.create_model_version(name, source=logged["version"].source,
+                                                  run_id=logged["run_id"]).version for _ in range(n)]
+    return make
+
+
+def test_the_first_passing_version_becomes_champion_and_records_its_gate(versions):
+    name, (v1,) = versions(1)
+    assert tracking.promote_if_better(name, v1, gate(0.36)) == {"champion": True}
+    version = MlflowClient().get_model_version_by_alias(name, "champion")
+    assert version.version == v1 and float(version.tags[tracking.GATE_TAG]) == 0.36
+    assert version.tags["gate.passed"] == "True" and version.tags["gate.sigma"] == "0.5"
+    assert version.description == "within-prompt Spearman 0.36 at sigma 0.5: gate passed; champion"
+
+
+def test_a_passing_version_that_does_not_beat_the_champion_stays_a_candidate(versions):
+    name, (v1, v2, v3) = versions(3)
+    tracking.promote_if_better(name, v1, gate(0.36))
+    for v, spearman in ((v2, 0.31), (v3, 0.36)):  # lower, then equal: strictly better is required
+        out = tracking.promote_if_better(name, v, gate(spearman))
+        assert out == {"champion": False,
+                       "champion_reason": f"gate passed but {spearman} <= current champion v{v1}'s 0.36"}
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == v1
+    loser = client.get_model_version(name, v2)
+    assert float(loser.tags[tracking.GATE_TAG]) == 0.31  # recorded on every evaluated version
+    assert loser.description == (f"within-prompt Spearman 0.31 at sigma 0.5: gate passed but 0.31 <= current "
+                                 f"champion v{v1}'s 0.36; not champion")
+
+
+def test_a_better_version_replaces_the_champion_and_a_failed_gate_never_does(versions):
+    name, (v1, v2, v3) = versions(3)
+    tracking.promote_if_better(name, v1, gate(0.36))
+    assert tracking.promote_if_better(name, v2, gate(0.41)) == {"champion": True}
+    failed = tracking.promote_if_better(name, v3, gate(0.9, passed=False))
+    assert failed == {"champion": False, "champion_reason": "gate failed: spearman_within_prompt"}
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(name, "champion").version == v2
+    assert client.get_model_version(name, v3).tags["gate.failed"] == "spearman_within_prompt"
+    # evaluating the champion again keeps it (its own metric is no rival)
+    assert tracking.promote_if_better(name, v2, gate(0.41)) == {"champion": True}
+
+
+def test_a_champion_without_a_recorded_metric_is_replaced_by_a_passing_version(versions):
+    name, (v1, v2) = versions(2)
+    tracking.promote(name, v1)  # promoted before gate metrics were recorded: nothing to beat
+    assert tracking.promote_if_better(name, v2, gate(0.2)) == {"champion": True}
+    assert MlflowClient().get_model_version_by_alias(name, "champion").version == v2
+
+
+# ---- where artifacts go ---------------------------------------------------------------------------------------------
+def test_artifacts_go_beside_a_sqlite_store(logged, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking.artifact_root("sqlite:////srv/ml/mlflow.db", "my exp") == "/srv/ml/mlruns/my_exp"
+    assert tracking.artifact_root("sqlite:///mlflow.db", "stitchvm") == str(tmp_path / "mlruns" / "stitchvm")
+    assert tracking.artifact_root("http://127.0.0.1:5000", "stitchvm") is None  # the server decides
+    with tracking.start_run("beside-the-store", run_name="where", tracking_uri=logged["uri"]) as run:
+        tracking.log_dict({"a": 1}, "a.json")
+    location = MlflowClient().get_experiment(run.info.experiment_id).artifact_location
+    assert location == str(logged["root"] / "mlruns" / "beside-the-store")
+    assert (logged["root"] / "mlruns" / "beside-the-store" / run.info.run_id / "artifacts" / "a.json").is_file()

@@ -17,6 +17,7 @@ the stitch at (guidance.value_i, guidance.value_j), one prompt with CFG). JSON: 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,8 +28,8 @@ from pathlib import Path
 import torch
 
 from stitchvm.models.backbone import Backbone
-from stitchvm.config import ModelSpec, Params, RewardSpec, to_dict
-from stitchvm.guidance.methods import run_method
+from stitchvm.config import GuidanceConfig, ModelSpec, Params, RewardSpec, to_dict
+from stitchvm.guidance.methods import method_config, run_method
 from stitchvm.models.reward import ClipReward
 from stitchvm.profiling import device_name
 from stitchvm.stages.guidance import format_report
@@ -85,28 +86,29 @@ def setup(params: Params, root: str | None = None, device: str | None = None) ->
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------------------
-def _worker(profile_file: str, method: str, root: str | None) -> dict:
+def _worker(profile_file: str, method: str, root: str | None, best_of_n: int | None) -> dict:
     """One method in this process (the fresh subprocess of an isolated CPU measurement)."""
     from stitchvm.config import load_params
 
     params = load_params(profile_file)
-    return judged_row(params, setup(params, root), method)
+    cfg = params.guidance if best_of_n is None else dataclasses.replace(params.guidance, best_of_n=best_of_n)
+    return judged_row(params, setup(params, root), method, cfg)
 
 
-def judged_row(params: Params, s: Setup, method: str) -> dict:
-    """`method`'s row, with the world evaluator's `geneval` columns where its prompts carry specs."""
+def judged_row(params: Params, s: Setup, method: str, cfg: GuidanceConfig) -> dict:
+    """`method`'s row under `cfg`, with the world evaluator's `geneval` columns where its prompts carry specs."""
     from stitchvm.stages.geneval import geneval_columns
     from stitchvm.stages.prompts import prompt_table
     from stitchvm.stages.upstream import prompt_specs
 
-    run = run_method(method, s.backbone, s.reward, s.value_model, s.prompts, params.guidance)
+    run = run_method(method, s.backbone, s.reward, s.value_model, s.prompts, cfg)
     return {**run.row, **geneval_columns(params, s.backbone, run.latents, run.prompts,
                                          prompt_specs(prompt_table(params)))}
 
 
-def _isolated(profile_file: Path, method: str, root: str | None) -> dict:
+def _isolated(profile_file: Path, method: str, root: str | None, cfg: GuidanceConfig) -> dict:
     cmd = [sys.executable, "-m", "stitchvm.benchmarks.guidance", "--worker", method, "--profile-file",
-           str(profile_file)] + (["--root", root] if root else [])
+           str(profile_file), "--best-of-n", str(cfg.best_of_n)] + (["--root", root] if root else [])
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
@@ -116,14 +118,18 @@ def _isolated(profile_file: Path, method: str, root: str | None) -> dict:
 
 
 def run(profile: str, out: str, count: bool = False, progress: bool = True, *, root: str | None = None,
-        isolate: bool | None = None, resolutions: tuple[int, ...] | None = None) -> dict:
+        isolate: bool | None = None, resolutions: tuple[int, ...] | None = None,
+        methods: tuple[str, ...] | None = None) -> dict:
     """Run (or, with `count`, count) every method of `guidance.methods`; print a table and write the JSON to `out`.
 
     `root` overrides the profile's storage root (where a trained value model is looked for); `isolate` runs each
     method in a fresh subprocess (default: on CPU, where the peak is the process's high-water mark);
-    `resolutions` overrides `guidance.count_resolutions` in counting mode.
+    `resolutions` overrides `guidance.count_resolutions` in counting mode; `methods` overrides `guidance.methods`
+    (checked as params are: e.g. best-of-n-matched after unguided and fk-stitchvm).
     """
     name, params = load_profile(profile)
+    if methods:
+        params = dataclasses.replace(params, guidance=dataclasses.replace(params.guidance, methods=tuple(methods)))
     cfg = params.guidance
     if count:
         from stitchvm.benchmarks.counting import count as count_rows, ratios
@@ -141,14 +147,14 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         isolate = device.type == "cpu" if isolate is None else isolate
         s = None if isolate else setup(params, root)
-        rows = []
+        rows, seconds = [], {}
         for method in cfg.methods:
             if progress:
                 print(f"  running {method} …", flush=True)
-            if isolate:
-                rows.append(_isolated(profile_path(profile).resolve(), method, root))
-            else:
-                rows.append(judged_row(params, s, method))
+            method_cfg = method_config(method, cfg, seconds)
+            rows.append(_isolated(profile_path(profile).resolve(), method, root, method_cfg) if isolate
+                        else judged_row(params, s, method, method_cfg))
+            seconds[method] = rows[-1]["sec_per_sample"]
         report = {"device": device_name(device), "profile": name, "mode": "run",
                   "backbone": params.backbone.source, "reward": params.reward.source,
                   "value_model": _value_source(params, root) if s is None else s.value_source,
@@ -191,8 +197,9 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", required=True, help="the method to run in this process")
     parser.add_argument("--profile-file", required=True)
     parser.add_argument("--root", default=None)
+    parser.add_argument("--best-of-n", type=int, default=None, help="best-of-N's N (best-of-n-matched)")
     args = parser.parse_args(argv)
-    row = _worker(args.profile_file, args.worker, args.root)
+    row = _worker(args.profile_file, args.worker, args.root, args.best_of_n)
     print("ROW " + json.dumps(row), flush=True)
     return 0
 

@@ -32,6 +32,9 @@ VARIANTS = {
     "grouped+rank": {"group_size": 8, "lambda_rank": 1.0},
     "grouped+rank+high-sigma": {"group_size": 8, "lambda_rank": 1.0, "sigma_logit_mean": 0.5},
     "prompt-head+rank": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt"},
+    "prompt-head": {"context": "prompt"},
+    "prompt-head+sharp-rank": {"group_size": 8, "lambda_rank": 1.0, "rank_temperature": 0.1, "context": "prompt"},
+    "prompt-head+rank-3x": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt", "steps": 3000},
 }
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
 

@@ -3,8 +3,10 @@
 N particles per prompt follow the stochastic sampler. During the first `proposal_fraction` of the steps each particle
 draws M proposals from the transition kernel and keeps the one with the highest potential V. Potentials
 G = exp(V(z_{t-Δ}) - V(z_t)) accumulate between resampling steps (every `resample_every` steps inside the window),
-where particles are resampled multinomially within their prompt's group. The output is, per prompt, the particle with
-the highest final potential. With N = 1 and M = 1 it is exactly the base sampler.
+where particles are resampled multinomially within their prompt's group. The output is, per prompt, one particle:
+the best by `final` (a score of clean latents, usually the true reward, as in the FK paper's final selection), or,
+with `final=None`, the group's first particle (no selection: what the intermediate potentials alone contribute).
+With N = 1 and M = 1 it is exactly the base sampler.
 
 `best_of_n` is the reference: N independent samples per prompt, the best kept by a score (usually the true reward).
 """
@@ -22,6 +24,7 @@ from stitchvm.diffusion.sampling import (cfg_velocity, check_eta, check_prompts,
 from stitchvm.value.model import StitchedValueModel
 
 Potential = Callable[[torch.Tensor, torch.Tensor, list[str]], torch.Tensor]  # (B, C, H, W), (B,), prompts -> (B,)
+Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # clean latents (B, C, H, W), prompts -> (B,)
 
 
 def stitchvm_potential(value_model: StitchedValueModel) -> Potential:
@@ -55,8 +58,8 @@ def _resample(z: torch.Tensor, log_w: torch.Tensor, v: torch.Tensor, groups: int
 def fk_sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: float,
               generator: torch.Generator | None, potential: Potential, particles: int = 4, proposals: int = 2,
               proposal_fraction: float = 0.4, resample_every: int = 4, window: tuple[float, float] = (0.2, 0.8),
-              eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, C, h, w) latents, one per prompt, and their final potentials (None when N = M = 1)."""
+              eta: float = 1.0, final: Scorer | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, C, h, w) latents, one per prompt, and their `final` scores (None without `final` or when N = 1)."""
     prompts, steps, eta = check_prompts(prompts), check_steps(steps), check_eta(eta)
     particles, proposals = _check_count(particles, "particles"), _check_count(proposals, "proposals (M)")
     resample_every = _check_count(resample_every, "resample_every")
@@ -69,7 +72,6 @@ def fk_sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale
     z = initial_latents(backbone, n, generator)
     sigmas = timesteps(backbone, steps, (z.shape[-2] // backbone.patch_size) * (z.shape[-1] // backbone.patch_size))
     sigmas = sigmas.to(z.device)
-    scored = particles > 1 or proposals > 1
     v = potential(z, sigmas[0].expand(n).to(z.dtype), expanded) if particles > 1 else None
     log_w = torch.zeros(n, dtype=torch.float64, device=z.device)
     for k in range(steps):
@@ -83,22 +85,24 @@ def fk_sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale
             z, v_next = cands[best, torch.arange(n)], values[best, torch.arange(n)]
         else:
             z = sde_step(z, u, s, s_next, eta, generator)
-            v_next = potential(z, t_next, expanded) if scored else None
-        if particles > 1:
+            # after the last step no weight is used again: the final selection, if any, is by `final`
+            v_next = potential(z, t_next, expanded) if particles > 1 and k + 1 < steps else None
+        if particles > 1 and v_next is not None:
             log_w += (v_next - v).double()  # log G = V(z_{t-Δ}) - V(z_t)
             in_window = window[0] * steps <= k < window[1] * steps
             if in_window and (k + 1) % resample_every == 0:
                 z, v_next = _resample(z, log_w, v_next, len(prompts), generator)
                 log_w.zero_()
         v = v_next
-    if particles == 1:
-        return z, v
-    best = v.view(len(prompts), particles).argmax(1) + torch.arange(len(prompts), device=v.device) * particles
-    return z[best], v[best]
+    first = torch.arange(len(prompts), device=z.device) * particles  # (B,) each group's first particle
+    if final is None or particles == 1:
+        return z[first], None
+    scores = final(z, expanded).float()  # (n,)
+    best = scores.view(len(prompts), particles).argmax(1).to(z.device) + first
+    return z[best], scores[best]
 
 
 # ---- best-of-N: the reference ------------------------------------------------------------------------------------
-Scorer = Callable[[torch.Tensor, list[str]], torch.Tensor]  # clean latents (B, C, H, W), prompts -> (B,)
 
 
 def reward_scorer(backbone: Backbone, reward: ClipReward) -> Scorer:

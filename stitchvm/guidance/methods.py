@@ -2,12 +2,16 @@
 `bench guidance`.
 
 Methods (the names of `GuidanceConfig.methods`): `unguided`, `dps-tweedie`, `dps-stitchvm`, `fk-tweedie`,
-`fk-stitchvm` and `best-of-n` (N independent samples, the best kept by the true reward: an oracle reference whose
-cost includes its N samplings, decodes and reward passes). Every method samples the same prompts with the same
+`fk-stitchvm` (FK steering with that potential, the final particle selected by the true reward),
+`fk-tweedie-noselect`, `fk-stitchvm-noselect` (the same without the final selection: what the intermediate
+potentials alone contribute), `best-of-n` (N independent samples, the best kept by the true reward: an oracle
+reference whose cost includes its N samplings, decodes and reward passes) and `best-of-n-matched` (best-of-N with the
+N that costs what FK-StitchVM costs, measured in the same run). Every method samples the same prompts with the same
 seeds (`chunks`), and every sample is scored by the one true reward (`models.reward.true_reward`).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, NamedTuple
 
@@ -42,13 +46,15 @@ def _dps(make_guidance) -> Callable[..., Sampler]:
     return build
 
 
-def _fk(make_potential) -> Callable[..., Sampler]:
+def _fk(make_potential, select: bool) -> Callable[..., Sampler]:
+    """FK steering; `select`: the final particle is the best by the true reward (else each prompt's first)."""
     def build(backbone, reward, value_model, cfg: GuidanceConfig) -> Sampler:
         potential = make_potential(backbone, reward, value_model)
+        final = reward_scorer(backbone, reward) if select else None
         return lambda p, g, steps: fk_sample(
             backbone, p, steps, cfg.guidance_scale, g, potential, particles=cfg.particles, proposals=cfg.proposals,
             proposal_fraction=cfg.proposal_fraction, resample_every=cfg.resample_every, window=tuple(cfg.window),
-            eta=cfg.eta)[0]
+            eta=cfg.eta, final=final)[0]
     return build
 
 
@@ -63,10 +69,44 @@ METHODS: dict[str, Callable[[Backbone, ClipReward, StitchedValueModel, GuidanceC
     "dps-tweedie": _dps(lambda b, r, vm, cfg: dps_tweedie(r, cfg.scale_tweedie, scale_schedule(cfg.schedule_tweedie))),
     "dps-stitchvm": _dps(lambda b, r, vm, cfg: dps_stitchvm(vm, cfg.scale_stitchvm,
                                                             scale_schedule(cfg.schedule_stitchvm))),
-    "fk-tweedie": _fk(lambda b, r, vm: tweedie_potential(b, r)),
-    "fk-stitchvm": _fk(lambda b, r, vm: stitchvm_potential(vm)),
+    "fk-tweedie": _fk(lambda b, r, vm: tweedie_potential(b, r), select=True),
+    "fk-stitchvm": _fk(lambda b, r, vm: stitchvm_potential(vm), select=True),
+    "fk-tweedie-noselect": _fk(lambda b, r, vm: tweedie_potential(b, r), select=False),
+    "fk-stitchvm-noselect": _fk(lambda b, r, vm: stitchvm_potential(vm), select=False),
     "best-of-n": _best_of_n,
+    "best-of-n-matched": _best_of_n,  # N from FK-StitchVM's measured time (`matched_best_of_n`)
 }
+MATCHED = ("best-of-n-matched", "fk-stitchvm")  # this method takes the wall time of that one
+
+
+def matched_best_of_n(sec_per_sample: dict[str, float]) -> int:
+    """The N at which best-of-N costs what FK-StitchVM costs: each candidate is about one unguided sample."""
+    method, target = MATCHED
+    missing = [m for m in (target, "unguided") if m not in sec_per_sample]
+    if missing:
+        raise ValueError(f"guidance method {method!r} takes its N from the measured time of {target!r} and "
+                         f"'unguided': list {' and '.join(repr(m) for m in missing)} before it in guidance.methods")
+    return max(1, round(sec_per_sample[target] / sec_per_sample["unguided"]))
+
+
+def run_methods(methods, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel,
+                prompts: list[str], cfg: GuidanceConfig, progress: bool = False):
+    """Every method of `methods` in order (see `run_method`); yields (method, MethodRun). `best-of-n-matched` runs
+    best-of-N with the N that matches FK-StitchVM's wall time measured just before it."""
+    seconds = {}
+    for method in methods:
+        if progress:
+            print(f"guidance: {method} …", flush=True)
+        run = run_method(method, backbone, reward, value_model, prompts, method_config(method, cfg, seconds))
+        seconds[method] = run.row["sec_per_sample"]
+        yield method, run
+
+
+def method_config(method: str, cfg: GuidanceConfig, sec_per_sample: dict[str, float]) -> GuidanceConfig:
+    """`cfg` as `method` runs it: best-of-n-matched gets its N from the times measured so far."""
+    if method != MATCHED[0]:
+        return cfg
+    return dataclasses.replace(cfg, best_of_n=matched_best_of_n(sec_per_sample))
 
 
 def sampler(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel,
@@ -109,5 +149,5 @@ def run_method(method: str, backbone: Backbone, reward: ClipReward, value_model:
     r = true_reward(backbone, reward, z0, flat, cfg.batch_size).cpu().double()
     row = {"method": method, "sec_per_sample": seconds / len(flat), "peak_mem_mb": peak.mb,
            "reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(), "samples": len(flat),
-           "steps": cfg.steps}
+           "steps": cfg.steps, **({"n": cfg.best_of_n} if method.startswith("best-of-n") else {})}
     return MethodRun(row, z0.cpu(), flat, r)

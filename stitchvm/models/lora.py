@@ -153,6 +153,7 @@ class LoraPolicy:
         path.mkdir(parents=True, exist_ok=True)
         cfg = copy_module.deepcopy(self.config)
         cfg.base_model_name_or_path = self.base.spec.source
+        sort_set_fields(cfg)
         cfg.save_pretrained(str(path))
         save_file(self.state_dict(name), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {"format": "stitchvm-adapter/1", "backbone": to_dict(self.base.spec), "rank": self.config.r,
@@ -184,6 +185,16 @@ class LoraPolicy:
         policy = cls(backbone, cfg.r, cfg.lora_alpha, copy=copy)
         policy.load(path)
         return policy
+
+
+def sort_set_fields(cfg: LoraConfig) -> None:
+    """Set-valued fields (peft keeps `target_modules` as a set) as sorted lists, in place: peft writes a set in
+    hash-random order (PYTHONHASHSEED), and adapter_config.json must be byte-stable (DVC hashes it). Loading turns the
+    lists back into sets."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (set, frozenset)):
+            setattr(cfg, f.name, sorted(value))
 
 
 def _adapter_of(param_name: str) -> str | None:

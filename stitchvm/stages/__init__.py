@@ -22,7 +22,7 @@ GRAPH: dict[str, tuple[str, ...]] = {
     "evaluate": ("train", "noisy", "samples", "labels", "prompts", "world_evaluator"),
     # consumers of the value model: inference-time guidance (and training-time alignment)
     "guidance": ("train", "prompts", "world_evaluator"),
-    "align": ("train", "prompts"),
+    "align": ("train", "prompts", "world_evaluator"),
 }
 PARTITIONED = ("samples", "labels")  # one partition per shard
 BOOTSTRAP = tuple(name for name in GRAPH if name.startswith("world_"))

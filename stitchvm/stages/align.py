@@ -2,11 +2,14 @@
 
 Reads the prompts (train split for training, the first `align.eval_prompts` test prompts for evaluation) and, for the
 StitchVM methods, the trained value model. Writes (under `storage.root`) `adapter/` (peft format: adapter_config.json,
-adapter_model.safetensors, stitchvm_adapter.json) and `align/summary.json`; `reports/align.json`,
-`reports/align_curve.png` (true reward of the fixed evaluation samples vs training wall time and vs update) and
-`reports/align_grid.png` (the evaluation samples before / after). With tracking: an MLflow run `align-<method>` with
+adapter_model.safetensors, stitchvm_adapter.json) and `align/summary.json`; `reports/align.json` (the same summary),
+`reports/align_curve.png` (true reward of the fixed evaluation samples vs update) and `reports/align_grid.png` (the
+evaluation samples before / after). What the clock and the machine decide (wall and phase times, the curve's wall_s,
+the adapter's folder) and the MLflow run go to the run record `reports/runs/align.json` with
+`reports/runs/align_curve_wall.png` (the reward vs training wall time), not to the DVC outputs
+(stitchvm/stages/run_record.py); the returned summary holds both. With tracking: an MLflow run `align-<method>` with
 per-update metrics (`align/eval_reward`, `align/wall_s`, `align/sampling_s`, `align/reward_s`, `align/update_s`, loss
-terms), both PNGs, the adapter folder, and a registered version of `<mlflow.registered_model>-adapter` (alias
+terms), the PNGs, the adapter folder, and a registered version of `<mlflow.registered_model>-adapter` (alias
 `candidate`).
 """
 from __future__ import annotations
@@ -25,10 +28,16 @@ from stitchvm.alignment.draft import train_draft
 from stitchvm.models.lora import TRAINED, LoraPolicy
 from stitchvm.alignment.nft import NFT_ADAPTERS, train_nft
 from stitchvm.value.model import StitchedValueModel
+from stitchvm.stages.run_record import RUNS, repo_relative, split_fields, split_rows, write_record
 from stitchvm.stages.runtime import Paths, models
-from stitchvm.stages.upstream import prompts_in_split, read_prompts, value_model_dir
+from stitchvm.stages.geneval import curve_geneval
+from stitchvm.stages.upstream import prompt_specs, prompts_in_split, read_prompts, value_model_dir
 
 ADAPTER, SUMMARY = "adapter", "align/summary.json"
+# the summary's fields that depend on the run (clock, machine, MLflow store): the run record's, not DVC's
+RUN_FIELDS = ("train_seconds", "sec_per_update", "sampling_s", "reward_s", "update_s", "seconds", "adapter",
+              "curve_wall_png", "run_id", "model_version", "registered_model", "tracking_uri")
+CURVE_WALL = f"{RUNS}/align_curve_wall.png"  # under the reports folder
 GRID_COLUMNS = 8
 
 
@@ -75,12 +84,16 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     # the trainers evaluate the untrained adapter (the base model: LoRA starts at zero) first and `adapter` last
     (rewards_before, z_before), (rewards_after, z_after) = evalset.results[0], evalset.results[-1]
     reward_before, reward_after = history[0]["eval_reward"], history[-1]["eval_reward"]
+    # the independent evaluator on every evaluation: a reward gain without a GenEval gain is reward hacking
+    geneval = curve_geneval(params, backbone, [z0 for _, z0 in evalset.results], evalset.expanded()[0],
+                            prompt_specs(read_prompts(storage)))
     with tempfile.TemporaryDirectory(prefix="stitchvm-adapter-") as tmp:
         folder = policy.save(Path(tmp) / ADAPTER, adapter, metadata={"method": cfg.method, "updates": cfg.updates,
                                                                      "align": to_dict(cfg)})
         for f in sorted(folder.iterdir()):
             storage.write_bytes_atomic(f"{ADAPTER}/{f.name}", f.read_bytes())
         curve = plots.reward_curve(history, cfg.method)
+        curve_wall = plots.reward_curve(history, cfg.method, x="wall_s")
         grid = sample_grid(backbone, (z_before, rewards_before), (z_after, rewards_after), evalset)
         updates = [r for r in history if r["step"] > 0]
         totals = {f"{phase}_s": round(sum(r.get(f"{phase}_s", 0.0) for r in updates), 3)
@@ -91,28 +104,36 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
             "batch": cfg.prompts_per_update * cfg.group_size,
             "reward_before": round(reward_before, 5), "reward_after": round(reward_after, 5),
             "reward_gain": round(reward_after - reward_before, 5),
+            "geneval_before": geneval[0], "geneval_after": geneval[-1],
             "train_seconds": round(train_seconds, 3), "sec_per_update": round(train_seconds / max(len(updates), 1), 4),
             **totals, "seconds": round(time.perf_counter() - start, 3),
             "evaluated_adapter": adapter, "eval_prompts": list(eval_prompts), "eval_seeds": list(cfg.eval_seeds),
-            "adapter": storage.path(ADAPTER),
-            "report": str(paths.reports / "align.json"), "curve_png": str(paths.reports / "align_curve.png"),
-            "grid_png": str(paths.reports / "align_grid.png"),
-            "curve": [{"step": r["step"], "wall_s": round(r["wall_s"], 4), "eval_reward": round(r["eval_reward"], 5)}
-                      for r in history if "eval_reward" in r],
+            "adapter": repo_relative(storage.path(ADAPTER)),
+            "report": repo_relative(paths.reports / "align.json"),
+            "curve_png": repo_relative(paths.reports / "align_curve.png"),
+            "curve_wall_png": repo_relative(paths.reports / CURVE_WALL),
+            "grid_png": repo_relative(paths.reports / "align_grid.png"),
+            "curve": [{"step": r["step"], "wall_s": round(r["wall_s"], 4), "eval_reward": round(r["eval_reward"], 5),
+                       "geneval": g} for r, g in zip([r for r in history if "eval_reward" in r], geneval)],
             "run_id": None, "model_version": None,
         }
         if paths.track:
-            summary.update(track_alignment(params, history, summary, folder, curve, grid))
+            summary.update(track_alignment(params, history, summary, folder, {"align_curve.png": curve,
+                                                                              "align_curve_wall.png": curve_wall,
+                                                                              "align_grid.png": grid}))
+    report, record = split_fields(summary, RUN_FIELDS)
+    report["curve"], record["curve"] = split_rows(summary["curve"], ("wall_s",), key=("step",))
     paths.reports.mkdir(parents=True, exist_ok=True)
     (paths.reports / "align_curve.png").write_bytes(curve)
     (paths.reports / "align_grid.png").write_bytes(grid)
-    (paths.reports / "align.json").write_text(json.dumps(summary, indent=2))
-    storage.write_json(SUMMARY, summary)
+    (paths.reports / "align.json").write_text(json.dumps(report, indent=2))
+    storage.write_json(SUMMARY, report)
+    write_record(paths.reports, "align", record)
+    (paths.reports / CURVE_WALL).write_bytes(curve_wall)
     return summary
 
 
-def track_alignment(params: Params, history: list[dict], summary: dict, folder: Path, curve: bytes,
-                    grid: bytes) -> dict:
+def track_alignment(params: Params, history: list[dict], summary: dict, folder: Path, pngs: dict[str, bytes]) -> dict:
     from stitchvm.stages import tracking  # mlflow is imported only where a run is tracked
     from stitchvm.stages.train import flat_params
 
@@ -122,10 +143,11 @@ def track_alignment(params: Params, history: list[dict], summary: dict, folder: 
         tracking.log_params(flat_params(params))
         tracking.log_history(history, prefix="align")
         tracking.log_metrics({f"align/{k}": summary[k] for k in ("reward_before", "reward_after", "reward_gain",
-                                                               "train_seconds", "sec_per_update", "sampling_s",
-                                                               "reward_s", "update_s")})
-        tracking.log_png(curve, "align_curve.png")
-        tracking.log_png(grid, "align_grid.png")
+                                                               "geneval_before", "geneval_after", "train_seconds",
+                                                               "sec_per_update", "sampling_s", "reward_s", "update_s")
+                              if summary[k] is not None})
+        for name, png in pngs.items():
+            tracking.log_png(png, name)
         tracking.log_dict(summary, "align.json")
         version = tracking.log_adapter(folder, "adapter", registered_name=f"{cfg.registered_model}-adapter",
                                        alias="candidate",

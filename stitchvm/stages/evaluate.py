@@ -2,7 +2,11 @@
 `evaluate.mc_rollouts` > 0 both are also scored against the Monte Carlo value at `evaluate.mc_sigmas` (monte_carlo.py).
 
 Writes `reports/eval.json` (DVC metrics), `reports/eval_plot.json` + `reports/eval.png` (value quality vs σ), logs them
-to the training's MLflow run, and promotes the registered version to `champion` when the gate in params passes.
+to the training's MLflow run, and promotes the registered version to `champion` when the gate in params passes and its gate metric beats
+the current champion's (tracking.promote_if_better).
+What the clock and the machine decide (each row's ms_per_eval and peak_mem_mb, the Monte Carlo value's seconds) and
+the MLflow outcome go to the run record `reports/runs/evaluate.json` instead of eval.json
+(stitchvm/stages/run_record.py); the returned report holds both.
 """
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ from stitchvm.value.monte_carlo import monte_carlo_value
 from stitchvm.data.storage import read_shards
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.geneval import judge_latents
+from stitchvm.stages.run_record import split_fields, split_rows, write_record
 from stitchvm.stages.runtime import Paths, models, needs
 from stitchvm.world.prompt_set import CATEGORIES
 from stitchvm.stages.upstream import (EVAL, prompt_specs, prompts_in_split, read_prompts, read_split,
-                                      read_train_summary, value_model_dir)
+                                      read_train_run, value_model_dir)
+
+TIMED = ("ms_per_eval", "peak_mem_mb")  # the evaluation rows' measurements: the run record's, keyed by (sigma, method)
 
 
 def gate(report: dict, params: Params) -> dict:
@@ -32,6 +39,15 @@ def gate(report: dict, params: Params) -> dict:
         "loss_below_trivial": row["distill_loss"] <= cfg.max_loss_ratio * report["trivial_loss"],
     }
     return {"sigma": cfg.gate_sigma, "checks": checks, "passed": all(checks.values())}
+
+
+def gate_record(report: dict) -> dict:
+    """The gate with the numbers it judged (the gate metric, within-prompt Spearman at its σ, first): what promotion
+    compares and tags on the registered version."""
+    g = report["gate"]
+    (row,) = [r for r in report["eval"] if r["method"] == "stitchvm" and r["sigma"] == g["sigma"]]
+    return {**g, "spearman_within_prompt": row["spearman_within_prompt"], "distill_loss": row["distill_loss"],
+            "trivial_loss": report["trivial_loss"]}
 
 
 def by_sigma(rows: list[dict]) -> dict:
@@ -53,6 +69,16 @@ def plot_rows(rows: list[dict]) -> list[dict]:
             continue
         out.setdefault(r["sigma"], {"sigma": r["sigma"]})[r["method"]] = r["spearman_within_prompt"]
     return list(out.values())
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """(eval.json: the report less what the clock and the machine decide, the run record: the rows' timings keyed
+    by (sigma, method) and the Monte Carlo value's seconds)."""
+    rows, timed = split_rows(report["eval"], TIMED, key=("sigma", "method"))
+    quality, record = {**report, "eval": rows}, {"eval": timed}
+    if "monte_carlo" in report:
+        quality["monte_carlo"], record["monte_carlo"] = split_fields(report["monte_carlo"], ("seconds",))
+    return quality, record
 
 
 def true_values(params: Params, backbone, reward, data: NoisyEvalSet, noisy: dict, progress: bool) -> tuple[dict, float]:
@@ -124,20 +150,22 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
         report["geneval"] = verdicts
     report["gate"] = gate(report, params)
     report["by_sigma"] = by_sigma(report["eval"])
+    quality, record = split_report(report)
     paths.reports.mkdir(parents=True, exist_ok=True)
-    (paths.reports / "eval.json").write_text(json.dumps(report, indent=2))
+    (paths.reports / "eval.json").write_text(json.dumps(quality, indent=2))
     (paths.reports / "eval_plot.json").write_text(json.dumps(plot_rows(report["eval"]), indent=2))
     png = plots.value_vs_sigma(report["eval"])
     (paths.reports / "eval.png").write_bytes(png)
     if paths.track:
-        report["mlflow"] = track_evaluation(params, storage, report, png)
+        report["mlflow"] = record["mlflow"] = track_evaluation(params, paths.reports, report, png)
+    write_record(paths.reports, "evaluate", record)
     return report
 
 
-def track_evaluation(params: Params, storage, report: dict, png: bytes) -> dict:
+def track_evaluation(params: Params, reports, report: dict, png: bytes) -> dict:
     from stitchvm.stages import tracking
 
-    summary = read_train_summary(storage)
+    summary = read_train_run(reports)
     if summary.get("run_id") is None:
         return {"logged": False, "reason": "the train stage ran without MLflow tracking"}
     cfg = params.mlflow
@@ -147,7 +175,7 @@ def track_evaluation(params: Params, storage, report: dict, png: bytes) -> dict:
         tracking.log_dict(report, "eval.json")
         tracking.log_png(png, "eval.png")
     out = {"logged": True, "run_id": summary["run_id"], "model_version": summary["model_version"], "champion": False}
-    if report["gate"]["passed"]:
-        tracking.promote(cfg.registered_model, summary["model_version"], "champion")
-        out["champion"] = True
+    # `champion` moves only when the gate passes and this version beats the current champion's gate metric: a weaker
+    # retrain that still passes the gate must not replace a better model
+    out.update(tracking.promote_if_better(cfg.registered_model, out["model_version"], gate_record(report)))
     return out

@@ -42,3 +42,14 @@ def geneval_columns(params: Params, backbone, z0: torch.Tensor, prompts: list[st
         return {}
     accuracy = dict(judged[0])
     return {"geneval": accuracy.pop("overall"), "geneval_by_category": accuracy}
+
+
+def curve_geneval(params: Params, backbone, evaluations: list[torch.Tensor], prompts: list[str],
+                  specs: dict[str, tuple[str, dict | None]]) -> list[float | None]:
+    """The overall GenEval of each evaluation of an alignment run (`PolicyEvalSet.results`' (N, C, h, w) clean
+    latents, in order, all of the same `prompts`); None where the evaluator does not apply."""
+    out = []
+    for z0 in evaluations:
+        judged = judge_latents(params, backbone, z0, prompts, specs)
+        out.append(None if judged is None else judged[0]["overall"])
+    return out

@@ -2,11 +2,13 @@
 
 Runs each method of `guidance.methods` (unguided, DPS-Tweedie, DPS-StitchVM, FK with Tweedie / value potentials,
 best-of-N by the true reward) on the same test prompts and seeds, with the trained value model (`value_model/`) and
-the models of the params. Writes `reports/guidance.json` (rows as `bench guidance`: method, sec_per_sample,
-peak_mem_mb, reward_mean, reward_std; measured in this process), `reports/guidance.png` (one row of decoded samples
-per method, the same seed in each column, each tile captioned with its true reward) and
-`reports/guidance/<method>.png` (unguided above the method, for every other method); logs them to the training's
-MLflow run (a run of its own when training was not tracked).
+the models of the params. Writes `reports/guidance.json` (rows as `bench guidance`: method, reward_mean, reward_std,
+…), `reports/guidance.png` (one row of decoded samples per method, the same seed in each column, each tile captioned
+with its true reward) and `reports/guidance/<method>.png` (unguided above the method, for every other method); logs
+them to the training's MLflow run (a run of its own when training was not tracked). What the clock and the machine
+decide (each method's sec_per_sample and peak_mem_mb, measured in this process; the device; the value model's folder)
+and the MLflow run go to the run record `reports/runs/guidance.json` (stitchvm/stages/run_record.py), not to the DVC
+outputs; the returned summary holds both.
 """
 from __future__ import annotations
 
@@ -15,15 +17,28 @@ import json
 import torch
 
 from stitchvm.config import Params, to_dict
-from stitchvm.guidance.methods import MethodRun, run_method
+from stitchvm.guidance.methods import MethodRun, run_methods
 from stitchvm.profiling import device_name
 from stitchvm.stages import plots
 from stitchvm.stages.plots import image_grid
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.tables import format_cell, format_table
 from stitchvm.stages.geneval import geneval_columns
-from stitchvm.stages.upstream import prompt_specs, prompts_in_split, read_prompts, read_train_summary, value_model_dir
+from stitchvm.stages.run_record import repo_relative, split_fields, split_rows, write_record
+from stitchvm.stages.upstream import prompt_specs, prompts_in_split, read_prompts, read_train_run, value_model_dir
 from stitchvm.value.model import StitchedValueModel
+
+TIMED = ("sec_per_sample", "peak_mem_mb")  # measured per method: the run record's, keyed by method
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """(guidance.json: the report less what the clock and the machine decide, the run record: the device, where the
+    value model was read, and each method's sec_per_sample and peak_mem_mb keyed by method)."""
+    quality, record = split_fields(report, ("device",))
+    quality["value_model"], record["value_model"] = split_fields(report["value_model"], ("path",))
+    quality["rows"], record["rows"] = split_rows(report["rows"], TIMED, key=("method",))
+    return quality, record
+
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     cfg = params.guidance
@@ -34,13 +49,10 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     table = read_prompts(storage)
     prompts = prompts_in_split(table, "test")[:cfg.prompts]
     runs: dict[str, MethodRun] = {}
-    for method in cfg.methods:
-        if progress:
-            print(f"guidance: {method} …", flush=True)
-        runs[method] = run_method(method, backbone, reward, model, prompts, cfg)
+    for method, run in run_methods(cfg.methods, backbone, reward, model, prompts, cfg, progress):
         # the independent evaluator: is a reward gain real?
-        runs[method].row.update(geneval_columns(params, backbone, runs[method].latents, runs[method].prompts,
-                                                prompt_specs(table)))
+        run.row.update(geneval_columns(params, backbone, run.latents, run.prompts, prompt_specs(table)))
+        runs[method] = run
     images = {m: decode_images(backbone, r.latents, cfg.batch_size) for m, r in runs.items()}
     paths.reports.mkdir(parents=True, exist_ok=True)
     grid_dir = paths.reports / "guidance"
@@ -55,14 +67,15 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     files = {}
     for name, png in pngs.items():
         (paths.reports / name).write_bytes(png)
-        files[name] = str(paths.reports / name)
+        files[name] = repo_relative(paths.reports / name)
     rows = [r.row for r in runs.values()]
     report = {"device": device_name(backbone.device), "profile": "params", "mode": "stage",
               "backbone": params.backbone.source, "reward": params.reward.source,
-              "value_model": {"path": str(value_model_dir(storage)), "i": model.i, "j": model.j},
-              "prompts": prompts, "config": to_dict(cfg), "rows": rows, "grids": files}
-    (paths.reports / "guidance.json").write_text(json.dumps(report, indent=2))
-    files["guidance.json"] = str(paths.reports / "guidance.json")
+              "value_model": {"path": repo_relative(value_model_dir(storage)), "i": model.i, "j": model.j},
+              "prompts": prompts, "config": to_dict(cfg), "rows": rows, "grids": dict(files)}
+    quality, record = split_report(report)
+    (paths.reports / "guidance.json").write_text(json.dumps(quality, indent=2))
+    files["guidance.json"] = repo_relative(paths.reports / "guidance.json")
     summary = {"rows": rows, "table": format_report(report), "report": files["guidance.json"],
                "grid": files["guidance.png"], "grids": {k: v for k, v in files.items() if k.startswith("guidance/")},
                "pair": {"i": model.i, "j": model.j}, "device": report["device"],
@@ -77,7 +90,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     if progress:
         print(summary["table"])
     if paths.track:
-        summary["mlflow"] = track_guidance(params, storage, report, pngs)
+        summary["mlflow"] = record["mlflow"] = track_guidance(params, paths.reports, report, pngs)
+    write_record(paths.reports, "guidance", record)
     return summary
 
 
@@ -88,11 +102,11 @@ def decode_images(backbone, latents: torch.Tensor, batch_size: int) -> torch.Ten
                       for k in range(0, len(latents), batch_size)])
 
 
-def track_guidance(params: Params, storage, report: dict, pngs: dict[str, bytes]) -> dict:
+def track_guidance(params: Params, reports, report: dict, pngs: dict[str, bytes]) -> dict:
     from stitchvm.stages import tracking
 
     try:
-        run_id = read_train_summary(storage).get("run_id")
+        run_id = read_train_run(reports)["run_id"]
     except FileNotFoundError:
         run_id = None
     cfg = params.mlflow

@@ -64,18 +64,38 @@ def value_vs_sigma(rows: list[dict], metrics=("spearman_within_prompt", "spearma
     return _png(fig)
 
 
-def reward_curve(history: list[dict], method: str) -> bytes:
-    """True reward of the fixed evaluation samples vs training wall time (left) and vs update (right)."""
+REWARD_CURVE_X = {"step": "update", "wall_s": "training wall time (s)"}
+
+
+def reward_curve(history: list[dict], method: str, x: str = "step") -> bytes:
+    """True reward of the fixed evaluation samples vs update (`x="step"`: the same for two identical runs, so DVC may
+    hash it) or vs training wall time (`x="wall_s"`: the run's, for its run record)."""
     rows = [r for r in history if "eval_reward" in r]
+    fig, ax = plt.subplots(figsize=(5, 3.3))
+    ax.plot([r[x] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
+    ax.set_xlabel(REWARD_CURVE_X[x])
+    ax.set_ylabel("true reward (eval)")
+    ax.legend()
+    ax.set_title("alignment: true reward on fixed evaluation prompts and seeds", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def alignment_curves(curves: dict[str, list[dict]]) -> bytes:
+    """Every trainer on one figure: true reward and GenEval of the fixed evaluation samples vs training wall time
+    (`curves`: method -> [{wall_s, eval_reward, geneval}]); the quantity of the paper's claims is the time to reach a
+    quality, read off where a curve crosses another's final value."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
-    axes[0].plot([r["wall_s"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
-    axes[0].set_xlabel("training wall time (s)")
-    axes[1].plot([r["step"] for r in rows], [r["eval_reward"] for r in rows], marker="o", label=method)
-    axes[1].set_xlabel("update")
-    axes[0].set_ylabel("true reward (eval)")
-    for ax in axes:
-        ax.legend()
-    fig.suptitle("alignment: true reward on fixed evaluation prompts and seeds")
+    for method, curve in curves.items():
+        for ax, key in zip(axes, ("eval_reward", "geneval")):
+            pts = [(r["wall_s"], r[key]) for r in curve if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method, linestyle="--" if method.endswith("stitchvm") else "-")
+    for ax, label in zip(axes, ("true reward (eval)", "GenEval (evaluator)")):
+        ax.set_xlabel("training wall time (s)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("alignment on fixed evaluation prompts and seeds", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 

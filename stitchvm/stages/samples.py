@@ -2,8 +2,9 @@
 
 `pipeline`: the backbone's flow-matching Euler sampler with CFG (`diffusion.sampling.sample`, the one sampler every
 caller uses; it reproduces the SD3 pipeline's loop), one seeded generator per sample, so a sample does not depend on
-how samples are batched or sharded. `images`: the k-th image (sorted by file name) of the sample's
-caption in an image folder, VAE-encoded. `smooth`: smooth latent fields (the random-weight testbed).
+how samples are batched or sharded, nor on which of torchrun's processes writes its shard. `images`: the k-th image
+(sorted by file name) of the sample's caption in an image folder, VAE-encoded. `smooth`: smooth latent fields (the
+random-weight testbed).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pyarrow as pa
 import torch
 from stitchvm.progress import tqdm
 
+from stitchvm import distributed
 from stitchvm.models.backbone import Backbone
 from stitchvm.config import Params, to_dict
 from stitchvm.data.image_folder import images_by_text, load_image
@@ -73,15 +75,18 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
     todo = shards_to_run(params, shards)
     storage = paths.storage()
     rows, size = sample_rows(params, read_prompts(storage)), params.storage.shard_size
+    distributed.init_from_env()  # before the models: on CUDA each process builds them on its own GPU
     backbone, _ = models(params)
     written, rewritten = [], {}
-    for shard in tqdm(todo, desc="samples", disable=not progress):
+    # under torchrun rank r of W writes shards r, r + W, ... of `todo`
+    for shard in tqdm(distributed.rank_share(todo), desc="samples", disable=not progress or not distributed.is_main()):
         part = rows.slice(shard * size, size)
         fp = made_by(params, part)
         if not must_write(storage, SAMPLES, shard, fp, rewritten):
             continue
         write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size, fp)
         written.append(shard)
+    written, rewritten = distributed.gather_share(todo, written, rewritten)  # every rank's shards, all finished
     return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written,
             "rewritten": rewritten}
 

@@ -1,13 +1,16 @@
-"""MLflow tracking and Model Registry for stitched value models: the only module of the library that imports mlflow.
+"""MLflow tracking and Model Registry for stitched value models: the only module of the library that imports mlflow
+(with `value_pyfunc.py`, the model-from-code file it logs).
 
 A trained value model is published as an MLflow pyfunc so that consumers load it with nothing but
 `mlflow.pyfunc.load_model("models:/stitchvm-value@champion")`. The logged artifact is the `save_pretrained` folder
 (trainable weights + config.json); the frozen backbone head and reward model are rebuilt from the specs recorded in
-that config when the model is loaded, so they are never serialised a second time.
+that config when the model is loaded, so they are never serialised a second time. The pyfunc is logged as a model
+from code (`value_pyfunc.py`), so loading it runs stitchvm's code and unpickles nothing.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +32,9 @@ from mlflow.types.schema import Schema, TensorSpec
 from stitchvm.value.model import StitchedValueModel
 
 ARTIFACT_KEY = "value_model"  # the key of the save_pretrained folder in the pyfunc's artifacts
+PYFUNC_CODE = os.path.join(os.path.dirname(__file__), "value_pyfunc.py")  # the model from code that log_value_model logs
+GATE_TAG = "gate.spearman_within_prompt"  # the version tag promotion compares: the gate's metric at gate.sigma
+EXAMPLE_PROMPTS = ("a red square", "two blue circles")  # the input example's prompts (any text is a valid prompt)
 INPUT_NDIM = {"latents": 4, "t": 1, "prompts": 1}  # what ValueModelPyfunc.predict expects, key -> ndim
 REQUIREMENTS = ("stitchvm", "torch", "diffusers", "transformers", "safetensors")
 MAX_METRICS_PER_BATCH = 1000  # the tracking API's limit for one log_batch call
@@ -40,6 +46,8 @@ class ValueModelPyfunc(mlflow.pyfunc.PythonModel):
 
     Input: a dict of arrays `{"latents": float32 (B, C, H, W), "t": float32 (B,), "prompts": str (B,)}` (MLflow
     passes a named tensor signature's input to `predict` as such a dict). Output: float32 (B,) values.
+    Through `PyFuncModel.predict` MLflow first enforces the signature, which demands float32 exactly (MLflow 3.17's
+    tensor enforcement has no dtype conversion); called directly, `predict` also converts float16/float64 inputs.
     """
 
     # `predict` deliberately has no type hint on `model_input`: MLflow 3 derives a signature and a validator from
@@ -71,24 +79,17 @@ def check_inputs(model_input) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     if not isinstance(model_input, dict):
         raise ValueError(f"the value model takes a dict with keys {list(INPUT_NDIM)}, got {type(model_input).__name__}")
-    arrays = {}
-    for key, ndim in INPUT_NDIM.items():
-        if key not in model_input:
-            raise ValueError(f"input {key!r} is missing: the value model needs keys {list(INPUT_NDIM)}, "
-                             f"got {sorted(model_input)}")
-        arrays[key] = np.asarray(model_input[key])
-        if arrays[key].ndim != ndim:
-            raise ValueError(f"input {key!r} must have {ndim} dimensions, got shape {arrays[key].shape}")
+    arrays = {key: _input_array(model_input, key) for key in INPUT_NDIM}
     shapes = {key: a.shape for key, a in arrays.items()}
     if len({s[0] for s in shapes.values()}) != 1:
         raise ValueError("inputs 'latents', 't' and 'prompts' must have the same batch size, got shapes "
                          + ", ".join(f"{k!r} {s}" for k, s in shapes.items()))
     if shapes["t"][0] == 0:
         raise ValueError("the batch is empty: give at least one latent, its t and its prompt")
-    latents, t = (_real_array(arrays[key], key) for key in ("latents", "t"))
+    latents, t = (_float32(arrays[key], key) for key in ("latents", "t"))
     bad = int((~np.isfinite(latents)).sum())
-    if bad:
-        raise ValueError(f"input 'latents' holds {bad} non-finite values (NaN or inf)")
+    if bad:  # after the conversion: a float64 beyond float32's range is an inf here
+        raise ValueError(f"input 'latents' holds {bad} non-finite values (NaN, inf or beyond float32)")
     if not np.isfinite(t).all():
         raise ValueError("input 't' holds NaN or inf: give each latent's noise level in [0, 1]")
     if ((t < 0) | (t > 1)).any():
@@ -99,25 +100,78 @@ def check_inputs(model_input) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return latents, t, prompts
 
 
-def _real_array(a: np.ndarray, key: str) -> np.ndarray:
-    """A float32 copy of a real-valued input (float64 and integer inputs convert; anything else is refused)."""
-    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
-        raise ValueError(f"input {key!r} must hold real numbers (float32, float64 or integers), got dtype {a.dtype}")
-    return a.astype(np.float32, copy=False)
+def _input_array(model_input: dict, key: str) -> np.ndarray:
+    """`model_input[key]` as an array of the dimensions INPUT_NDIM gives it."""
+    if key not in model_input:
+        raise ValueError(f"input {key!r} is missing: the value model needs keys {list(INPUT_NDIM)}, "
+                         f"got {sorted(map(str, model_input))[:8]}")
+    try:
+        a = np.asarray(model_input[key])
+    except (ValueError, TypeError):  # ragged nested lists; numpy's own message is long and names no input
+        raise ValueError(f"input {key!r} is not a rectangular array") from None
+    if a.ndim != INPUT_NDIM[key]:
+        raise ValueError(f"input {key!r} must have {INPUT_NDIM[key]} dimensions, got shape {a.shape}")
+    return a
+
+
+def _float32(a: np.ndarray, key: str) -> np.ndarray:
+    """A float32 view or copy of a float input. Any float converts (float64 is numpy's default; the value model
+    computes in float32 anyway); integers, booleans, strings and objects are refused rather than guessed at."""
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"input {key!r} must hold floats (float32, float64 or float16), got dtype {a.dtype}")
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: the finite check names it
+        return a.astype(np.float32, copy=False)
 
 
 def check_latent_grid(model: StitchedValueModel, shape: tuple[int, ...]) -> None:
-    """Latents the backbone head can read: its channels, a grid divisible by its patch size and within its
-    position-embedding table."""
+    """Latents the backbone head can read: its channels, and its fixed latent grid where it has one, else a grid
+    divisible by its patch size and within its position-embedding table."""
     embed = model.head.pos_embed
     c, (h, w) = shape[1], shape[2:]
     if c != latent_channels(model):
         raise ValueError(f"input 'latents' must have {latent_channels(model)} channels (B, C, H, W), got shape "
                          f"{tuple(shape)}")
+    fixed = fixed_latent_grid(model)
+    if fixed is not None and (h, w) != fixed:
+        raise ValueError(f"input 'latents' must be (B, {c}, {fixed[0]}, {fixed[1]}) (the backbone's latent grid), "
+                         f"got shape {tuple(shape)}")
     p, most = embed.patch_size, (embed.pos_embed_max_size or 0) * embed.patch_size
     if h % p or w % p or (most and (h > most or w > most)):
         raise ValueError(f"input 'latents' must have H and W divisible by {p}" + (f" and at most {most}" if most else "")
                          + f" (the backbone's latent grid), got shape {tuple(shape)}")
+
+
+def native_latent_grid(model: StitchedValueModel) -> tuple[int, int]:
+    """(H, W) of the latents the backbone was built for (its transformer's sample_size)."""
+    embed = model.head.pos_embed
+    return embed.height * embed.patch_size, embed.width * embed.patch_size
+
+
+def fixed_latent_grid(model: StitchedValueModel) -> tuple[int, int] | None:
+    """The one latent grid the model reads, or None when it reads several.
+
+    SD3's position table covers grids up to pos_embed_max_size patches and is centre-cropped for smaller ones. When
+    that largest grid is the native one (the embedded world: 8 × 8 latents, a 4 × 4 table), a smaller grid would only
+    read a crop of positions the model never saw at that size and a larger one fails inside the transformer, so the
+    native grid is the model's only grid. Real SD3 tables are larger than their native grid (several resolutions).
+    """
+    embed, native = model.head.pos_embed, native_latent_grid(model)
+    most = (embed.pos_embed_max_size or 0) * embed.patch_size
+    return native if most and native == (most, most) else None
+
+
+def model_latent_shape(model: StitchedValueModel) -> tuple[int, int, int]:
+    """(C, H, W) for the signature: the fixed grid where the model has one, else -1 for a free H and W."""
+    return (latent_channels(model), *(fixed_latent_grid(model) or (-1, -1)))
+
+
+def input_example(model: StitchedValueModel, latent_shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Two valid inputs of the signature's `latent_shape` (a free H or W: the native one), the example MLflow stores
+    beside the signature."""
+    c, *hw = latent_shape
+    h, w = (n if n > 0 else native for n, native in zip(hw, native_latent_grid(model)))
+    latents = np.random.default_rng(0).standard_normal((2, c, h, w)).astype(np.float32)
+    return {"latents": latents, "t": np.array([0.25, 0.75], dtype=np.float32), "prompts": np.array(EXAMPLE_PROMPTS)}
 
 
 def value_model_signature(latent_shape: tuple[int, int, int]) -> ModelSignature:
@@ -157,32 +211,51 @@ def pip_requirements() -> list[str]:
 # ---- logging and the registry ------------------------------------------------------------------------------------
 def log_value_model(model: StitchedValueModel, artifact_name: str = "value_model",
                     registered_name: str | None = "stitchvm-value", alias: str | None = "candidate",
-                    latent_shape: tuple[int, int, int] | None = None) -> ModelVersion | ModelInfo:
-    """Log `model` as a pyfunc in the active run; register it as `registered_name` and point `alias` at it.
+                    latent_shape: tuple[int, int, int] | None = None,
+                    profile: str | None = None) -> ModelVersion | ModelInfo:
+    """Log `model` as a pyfunc (a model from code, with a signature and an input example) in the active run; register
+    it as `registered_name`, with a description and tags (the stitch pair, the backbone and reward sources, `profile`
+    when given), and point `alias` at it.
 
-    `latent_shape` (C, H, W) goes into the signature; by default C comes from the model and H, W are free (-1), since
-    the stitching layer resamples any backbone grid (within the backbone's position-embedding range). Returns the
-    registered ModelVersion, or the ModelInfo when `registered_name` is None (then nothing is registered and `alias`
-    is ignored: an alias belongs to a registered model).
+    `latent_shape` (C, H, W) goes into the signature; by default the model's (model_latent_shape: its fixed grid, or
+    -1 for a free H and W). Returns the registered ModelVersion, or the ModelInfo when `registered_name` is None (then
+    nothing is registered and `alias` is ignored: an alias belongs to a registered model).
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_value_model needs an active MLflow run: call it inside `with start_run(...)`")
-    shape = latent_shape if latent_shape is not None else (latent_channels(model), -1, -1)
+    shape = tuple(latent_shape) if latent_shape is not None else model_latent_shape(model)
     if len(shape) != 3:
         raise ValueError(f"latent_shape must be (C, H, W), got {shape}")
     with tempfile.TemporaryDirectory(prefix="stitchvm-value-") as tmp:
         folder = os.path.join(tmp, ARTIFACT_KEY)  # MLflow keeps the folder's name: make it a stable one
         model.save_pretrained(folder)
         info = mlflow.pyfunc.log_model(
-            name=artifact_name, python_model=ValueModelPyfunc(), artifacts={ARTIFACT_KEY: folder},
-            signature=value_model_signature(tuple(shape)), pip_requirements=pip_requirements(), code_paths=None,
-            registered_model_name=registered_name)
+            name=artifact_name, python_model=PYFUNC_CODE, artifacts={ARTIFACT_KEY: folder},
+            signature=value_model_signature(shape), input_example=input_example(model, shape),
+            pip_requirements=pip_requirements(), registered_model_name=registered_name)
     if registered_name is None:
         return info
     model_version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in value_model_tags(model, profile).items():
+        client.set_model_version_tag(registered_name, model_version, key, value)
+    client.update_model_version(registered_name, model_version, description=value_model_description(model, shape))
     if alias is not None:
-        MlflowClient().set_registered_model_alias(registered_name, alias, model_version)
-    return MlflowClient().get_model_version(registered_name, model_version)
+        client.set_registered_model_alias(registered_name, alias, model_version)
+    return client.get_model_version(registered_name, model_version)
+
+
+def value_model_tags(model: StitchedValueModel, profile: str | None = None) -> dict[str, str]:
+    """A registered version's tags at logging: what it stitches (searchable in the registry), and the profile."""
+    tags = {"stitch.i": str(model.i), "stitch.j": str(model.j), "backbone": model.backbone_spec.source,
+            "reward": model.reward_spec.source, "context": model.context}
+    return tags | ({"profile": profile} if profile else {})
+
+
+def value_model_description(model: StitchedValueModel, latent_shape: tuple[int, int, int]) -> str:
+    """One line saying what a freshly logged version is; evaluation replaces it with its verdict."""
+    return (f"V(z_t, t, prompt): blocks 1..{model.i} of {model.backbone_spec.source} stitched into block {model.j} of "
+            f"{model.reward_spec.source}; latents (B, {', '.join(map(str, latent_shape))}); not evaluated yet")
 
 
 def promote(name: str, version: str | int, alias: str = "champion") -> ModelVersion:
@@ -190,6 +263,63 @@ def promote(name: str, version: str | int, alias: str = "champion") -> ModelVers
     client = MlflowClient()
     client.set_registered_model_alias(name, alias, str(version))
     return client.get_model_version(name, str(version))
+
+
+def promote_if_better(name: str, version: str | int, gate: dict, alias: str = "champion") -> dict:
+    """Record an evaluated version's gate on it (tags `gate.*` and a one-line description) and point `alias` at it
+    when the gate passed and its gate metric strictly beats the current `alias` version's (or there is none).
+
+    `gate`: {"sigma", "spearman_within_prompt" (the gate metric), "passed", optionally "checks": {name: bool} and more
+    numbers, each tagged `gate.<key>`}. Returns {"champion": bool} plus "champion_reason" when not promoted.
+    """
+    client, version = MlflowClient(), str(version)
+    current = alias_version(client, name, alias)
+    promoted, reason = champion_decision(version, gate, current)
+    for key, value in gate_tags(gate).items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=gate_description(gate, promoted, reason))
+    if promoted:
+        client.set_registered_model_alias(name, alias, version)
+    return {"champion": promoted} | ({} if promoted else {"champion_reason": reason})
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version `alias` points at, or None when the alias (or the registered model) does not exist yet."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def champion_decision(version: str, gate: dict, current: ModelVersion | None) -> tuple[bool, str | None]:
+    """(promote?, why not): the gate must pass and the gate metric strictly beat the current champion's tag.
+
+    A champion without the tag (promoted before gate metrics were recorded) gives nothing to beat: the new version
+    replaces it, as any passing version did then.
+    """
+    metric = gate["spearman_within_prompt"]
+    if not gate["passed"]:
+        failed = [k for k, ok in gate.get("checks", {}).items() if not ok]
+        return False, "gate failed" + (f": {', '.join(failed)}" if failed else "")
+    if current is None or str(current.version) == version or GATE_TAG not in current.tags:
+        return True, None
+    best = float(current.tags[GATE_TAG])
+    if metric > best:
+        return True, None
+    return False, f"gate passed but {metric:.4g} <= current champion v{current.version}'s {best:.4g}"
+
+
+def gate_tags(gate: dict) -> dict[str, str]:
+    """Version tags `gate.<key>` of a gate's numbers and verdict; the failed checks as one list."""
+    tags = {f"gate.{k}": str(v) for k, v in gate.items() if k != "checks"}
+    failed = [k for k, ok in gate.get("checks", {}).items() if not ok]
+    return tags | ({"gate.failed": ", ".join(failed)} if failed else {})
+
+
+def gate_description(gate: dict, promoted: bool, reason: str | None) -> str:
+    """One line: the gate metric, and the version is champion or why not (the reason names the verdict)."""
+    return (f"within-prompt Spearman {gate['spearman_within_prompt']:.4g} at sigma {gate['sigma']}: "
+            + ("gate passed; champion" if promoted else f"{reason}; not champion"))
 
 
 # ---- runs and metrics --------------------------------------------------------------------------------------------
@@ -202,22 +332,38 @@ def tracking_uri(default: str = "sqlite:///mlflow.db") -> str:
 _env_tracking_uri = tracking_uri  # `start_run` has a parameter of the same name
 
 
+def artifact_root(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a local sqlite store keeps its artifacts: `mlruns/<experiment>` beside the database.
+
+    MLflow's own default is `./mlruns` of whatever directory the process runs in, so a stage started elsewhere (a
+    Dagster run, a test) scattered artifacts away from the store. MLflow resolves every local artifact location to an
+    absolute path before storing it (`resolve_uri_if_local`), so a store-relative root cannot be recorded: moving the
+    store still needs the artifacts moved with it to the same absolute place. None (the server's or MLflow's default)
+    for any other store.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = os.path.abspath(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return os.path.join(os.path.dirname(database), "mlruns", re.sub(r"[^\w.-]", "_", experiment))
+
+
 @contextmanager
 def start_run(experiment: str, run_name: str | None = None, tracking_uri: str | None = None,
               artifact_location: str | None = None, run_id: str | None = None) -> Iterator[Run]:
     """Point tracking and the registry at one URI, select (or create) `experiment` and run inside it
     (`run_id` resumes an existing run, e.g. evaluation logging onto its training run).
 
-    `artifact_location` is used only when the experiment is created here; without it MLflow puts artifacts
-    under `./mlruns` of the working directory.
+    `artifact_location` is used only when the experiment is created here; by default artifacts go beside a local
+    sqlite store (artifact_root), wherever the working directory is.
     """
     uri = tracking_uri if tracking_uri is not None else _env_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
+    location = artifact_location if artifact_location is not None else artifact_root(uri, experiment)
     experiment_id = (found.experiment_id if found is not None
-                     else client.create_experiment(experiment, artifact_location=artifact_location))
+                     else client.create_experiment(experiment, artifact_location=location))
     mlflow.set_experiment(experiment_id=experiment_id)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as run:
         yield run

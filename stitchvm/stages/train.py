@@ -1,4 +1,8 @@
-"""Stage `train`: train_value_model the stitched model from the search's initialisation; log and register it in MLflow."""
+"""Stage `train`: train_value_model the stitched model from the search's initialisation; log and register it in MLflow.
+
+Writes `value_model/`, `train/curve.png` and `train/summary.json` (steps, first and final loss, the pair: nothing that
+differs between two identical runs); the run's wall time, throughput, where the model went and its MLflow run and
+registered version go to the run record `reports/runs/train.json` (stitchvm/stages/run_record.py). Returns both."""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +12,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from stitchvm import distributed
 from stitchvm.stages import plots
 from stitchvm.config import Params, to_dict
 from stitchvm.value.training import train_value_model
 from stitchvm.value.search import stitched_from_search
+from stitchvm.stages.run_record import repo_relative, split_fields, write_record
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
+
+# the summary's fields that depend on the run (clock, machine, MLflow store): the run record's, not DVC's
+RUN_FIELDS = ("seconds", "samples_per_s", "path", "run_id", "model_version", "tracking_uri")
 
 
 def checkpoint_dir(params: Params, paths: Paths, inputs: str = "") -> Path:
@@ -33,6 +42,7 @@ def flat_params(params: Params) -> dict:
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
+    distributed.init_from_env()  # under torchrun: join the group before the models land on this rank's device
     storage = paths.storage()
     backbone, reward = models(params)
     z0, index, targets, _ = read_split(storage, params, "train", labels=True)
@@ -44,6 +54,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     history = train_value_model(model, z0, targets, params.train, params.seed, ckpt, progress,
                        prompts=index.column("prompt").to_pylist())
     seconds = time.perf_counter() - start
+    if not distributed.is_main():  # rank 0 writes the model, the curve, the summary, the run record and MLflow
+        return {"steps": params.train.steps, "seconds": round(seconds, 3), "rank": distributed.rank()}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         for f in Path(tmp).iterdir():
@@ -55,12 +67,14 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                "samples_per_s": round(len(history) * params.train.batch_size / max(seconds, 1e-9), 2),
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
-               "pair": {"i": model.i, "j": model.j}, "path": storage.path(VALUE_MODEL),
+               "pair": {"i": model.i, "j": model.j}, "path": repo_relative(storage.path(VALUE_MODEL)),
                "run_id": None, "model_version": None}
     if paths.track:
         summary.update(track_training(params, model, history, summary, storage.read_bytes(f"{SEARCH}/heatmap.png"),
                                       curve))
-    storage.write_json(TRAIN_SUMMARY, summary)
+    report, record = split_fields(summary, RUN_FIELDS)
+    storage.write_json(TRAIN_SUMMARY, report)
+    write_record(paths.reports, "train", record)
     return summary
 
 

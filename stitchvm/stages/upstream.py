@@ -16,6 +16,7 @@ from stitchvm.value.training import TeacherTargets
 from stitchvm.value.search import SearchResult
 from stitchvm.data.storage import NOT_WRITTEN, Storage, read_shards, shard_status
 from stitchvm.stages.runtime import needs
+from stitchvm.stages.run_record import read_record, record_path
 
 PROMPTS = "prompts.parquet"
 SAMPLES, LABELS = "samples", "labels"
@@ -127,5 +128,11 @@ def value_model_dir(storage: Storage) -> Path:
     return tmp
 
 
-def read_train_summary(storage: Storage) -> dict:
-    return json.loads(storage.read_bytes(TRAIN_SUMMARY, hint=needs("train")))
+def read_train_run(reports: Path) -> dict:
+    """The MLflow run and registered version of the last `train` run ({"run_id", "model_version", "tracking_uri"};
+    None values where it ran untracked): from its run record (`<reports>/runs/train.json`), not from the DVC output
+    data/train/summary.json, whose hash must not depend on the run."""
+    record = read_record(reports, "train")
+    if record is None:
+        raise FileNotFoundError(f"{record_path(reports, 'train')} does not exist: {needs('train')}")
+    return {k: record.get(k) for k in ("run_id", "model_version", "tracking_uri")}

@@ -10,6 +10,10 @@ one (the prompt's text direction). With `group_size` G > 1 each batch is B / G g
 sharing t and ε (only the clean latents differ, as in DiNa-LRM's and LPO's same-prompt pairs), and L_rank is a
 listwise (ListNet) loss within each group: the KL divergence from softmax(r_teacher / τ) to softmax(r_student / τ),
 r the reward of each embedding for the group's prompt.
+
+Data parallel under torchrun (`stitchvm.distributed`): the global batch `batch_size` is drawn whole on every rank
+from the seeded generator and split into equal slices of whole groups; the averaged gradients make each step the
+global batch's step, whatever the number of processes.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from stitchvm.progress import tqdm
 
+from stitchvm import distributed
 from stitchvm.models.backbone import Backbone
 from stitchvm.config import TrainConfig
 from stitchvm.lr_schedule import warmup_cosine
@@ -109,6 +114,16 @@ def grouped_batch(group_of: torch.Tensor, members: list[torch.Tensor], batch_siz
     return torch.cat(out)
 
 
+def batch_share(cfg: TrainConfig) -> slice:
+    """This rank's rows of the global batch. The ranking loss lives within groups of `group_size` consecutive rows,
+    so each rank must hold whole groups; then the mean of the ranks' losses is the global batch's loss."""
+    world, g = distributed.world_size(), cfg.group_size
+    if cfg.batch_size % (world * g):
+        raise ValueError(f"train.batch_size {cfg.batch_size} does not split into {world} processes of whole "
+                         f"groups of train.group_size {g}: make it a multiple of {world * g}")
+    return distributed.rank_slice(cfg.batch_size)
+
+
 def build_optimizer(model: StitchedValueModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
     """AdamW with the stitching layer at `stitch_lr_mult` × lr; linear warm-up, then cosine decay to 10%."""
     stitch = list(model.stitch.parameters())
@@ -123,47 +138,67 @@ def build_optimizer(model: StitchedValueModel, cfg: TrainConfig) -> tuple[torch.
 
 
 class Checkpointer:
-    """`dir/last/`: trainable weights, optimiser, scheduler, RNG and step, replaced atomically."""
+    """`dir/last/`: trainable weights, optimiser, scheduler, RNG and step. Rank 0 writes it (every rank holds the same
+    state after an averaged step); every rank reads it, so under several machines `dir` must be on a shared disk."""
 
     def __init__(self, directory: str | Path | None):
         self.dir = Path(directory) if directory else None
 
     def save(self, step: int, model, opt, sched, generator: torch.Generator) -> None:
-        if self.dir is None:
+        if self.dir is None or not distributed.is_main():
             return
-        tmp, final = self.dir / "last.tmp", self.dir / "last"
+        tmp, final, old = self.dir / "last.tmp", self.dir / "last", self.dir / "last.old"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": generator.get_state()}, tmp / "state.pt")
         (tmp / "step.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
+        # renames only, so a kill at any instant leaves one complete checkpoint: `last`, or `last.old` just before
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, if any."""
+        if self.dir is None:
+            return None
+        return next((d for d in (self.dir / "last", self.dir / "last.old") if (d / "step.json").is_file()), None)
 
     def restore(self, model, opt, sched, generator: torch.Generator) -> int:
         """Load the last checkpoint if there is one; returns the step to continue from (0 if none)."""
-        last = None if self.dir is None else self.dir / "last"
-        if last is None or not (last / "step.json").is_file():
+        last = self.latest()
+        step = 0 if last is None else json.loads((last / "step.json").read_text())["step"]
+        main_step = distributed.broadcast_int(step)
+        if step != main_step:
+            raise ValueError(f"rank {distributed.rank()} finds checkpoint step {step} in {self.dir}, rank 0 step "
+                             f"{main_step}: put the checkpoint folder on a disk every machine shares")
+        if last is None:
             return 0
         model.load_state_dict(load_file(str(last / "model.safetensors")), strict=False)
         state = torch.load(last / "state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        return json.loads((last / "step.json").read_text())["step"]
+        return step
 
 
 def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTargets, cfg: TrainConfig, seed: int,
              checkpoint_dir: str | Path | None = None, progress: bool = True,
              on_step: Callable[[dict], None] | None = None, prompts: list[str] | None = None) -> list[dict]:
     """Train `model` for `cfg.steps` steps (resuming from `checkpoint_dir/last` if present); returns the history.
-    `prompts` (one per clean latent) feeds a head on the prompt branch (`model.context == "prompt"`)."""
+    `prompts` (one per clean latent) feeds a head on the prompt branch (`model.context == "prompt"`).
+    Under torchrun each process computes its share of the global batch and the gradients are averaged, so every
+    rank holds the same model and history, equal to one process's (up to rounding); rank 0 writes the checkpoints."""
     if len(z0) != len(targets):
         raise ValueError(f"{len(z0)} clean latents but {len(targets)} teacher targets")
     if model.context == "prompt" and (prompts is None or len(prompts) != len(z0)):
         raise ValueError(f"a value model on the prompt branch needs one prompt per clean latent: got "
                          f"{0 if prompts is None else len(prompts)} for {len(z0)}")
+    distributed.init_from_env()  # under torchrun: join the process group (a no-op when already joined or unlaunched)
+    share = batch_share(cfg)
     device = next(model.stitch.parameters()).device
     model.train()
     opt, sched = build_optimizer(model, cfg)
@@ -180,7 +215,8 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
         group_of = torch.tensor([position[p] for p in prompts])
         members = [torch.nonzero(group_of == k).squeeze(1) for k in range(len(position))]
     history = []
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress or not distributed.is_main(), initial=start,
+               total=cfg.steps)
     for step in bar:
         if g > 1:
             idx = grouped_batch(group_of, members, cfg.batch_size, g, gen)
@@ -190,6 +226,9 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
             idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen)
             t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
             noise = torch.randn((cfg.batch_size, *z0.shape[1:]), generator=gen)
+        # every rank draws the whole global batch from the same generator and keeps its slice: the run does not
+        # depend on the number of processes, and the generator's state is the same everywhere (one checkpoint)
+        idx, t, noise = idx[share], t[share], noise[share]  # (B / W,), (B / W,), (B / W, C, H, W)
         z_t = forward_noise(z0[idx], t, noise).to(device)
         batch_prompts = None if prompts is None else [prompts[k] for k in idx.tolist()]
         embeds, tokens = model.embed(z_t, t.to(device), batch_prompts)
@@ -204,11 +243,13 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
             parts["loss"] = parts["loss"] + cfg.lambda_rank * parts["rank"]
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        distributed.average_gradients(params)  # clipped after the average: the global batch's norm, on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        logged = distributed.average(torch.stack([v.detach() for v in parts.values()]))  # the global batch's terms
         row = {"step": step + 1, "lr": opt.param_groups[1]["lr"], "grad_norm": grad_norm.item(),
-               **{k: v.item() for k, v in parts.items()}}
+               **{k: v.item() for k, v in zip(parts, logged)}}
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
