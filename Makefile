@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: setup demo test test-e2e world clean
+.PHONY: setup demo test test-e2e world clean gpu-check
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,13 @@ test: setup
 
 test-e2e: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m e2e
+
+# The prepared GPU check (one H100, <= 8 minutes; stitchvm/benchmarks/gpu_check.py): the arch profile in bfloat16 at
+# 512² and 1024², seconds per sample and peak memory of unguided / DPS-Tweedie / DPS-StitchVM, value-model training
+# samples/s; writes reports/gpu_check.json. Exit 2 without CUDA. No setup prerequisite (it would install the CPU torch
+# pin): run `make setup TORCH=...` first, or point PY at a Python with CUDA torch (make gpu-check PY=python).
+gpu-check:
+	$(PY) -m stitchvm.benchmarks.gpu_check --profile arch --out reports/gpu_check.json
 
 # Retrain the embedded world (about 45 minutes on 2 cores with nothing else running; docs/results.md). Its stages are frozen in dvc.yaml, so that neither
 # `dvc repro` (even with -f) nor `make clean && make demo` rebuilds the shipped weights by accident.

@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, Failure, InitResourceContext
 
-from stitchvm.config import Params, load_params
+from stitchvm.config import ConfigError, Params, load_params
 from stitchvm.stages import stage
 from stitchvm.stages.runtime import Paths
+
+
+# The failures a stage expects and names in one line (as the CLI's, stitchvm/__main__.py): a step fails with that line
+# as a dagster Failure, without a retry (a bad params file or a missing input fails the same way again).
+EXPECTED = (FileNotFoundError, PermissionError, ConnectionError, ValueError)  # ConfigError is a ValueError
 
 
 class StageRun(NamedTuple):
@@ -39,7 +44,10 @@ class StitchVMResource(ConfigurableResource):
     threads: int = 0  # torch CPU threads per step (0: torch's default); `pipelines` shares the cores among the steps
 
     def params(self) -> Params:
-        return load_params(self.params_path)
+        try:
+            return load_params(self.params_path)
+        except ConfigError as e:
+            raise Failure(description=str(e), allow_retries=False) from None
 
     def paths(self, params: Params | None = None) -> Paths:
         return Paths.from_params(params or self.params(), reports=Path(self.reports_dir),
@@ -52,7 +60,11 @@ class StitchVMResource(ConfigurableResource):
         paths = self.paths(params)
         if self.threads > 0:
             torch.set_num_threads(self.threads)
-        return StageRun(params, paths, stage(name).run(params, paths, progress=False, **kwargs))
+        try:
+            summary = stage(name).run(params, paths, progress=False, **kwargs)
+        except EXPECTED as e:
+            raise Failure(description=f"stitchvm {name}: {e}", allow_retries=False) from None
+        return StageRun(params, paths, summary)
 
 
 class MlflowResource(ConfigurableResource):

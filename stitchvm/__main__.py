@@ -4,33 +4,85 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import textwrap
 from pathlib import Path
 
+# Without torchvision (CPU installs here) transformers notes on stderr, at the first diffusers import, that it falls
+# back to its PIL image processors: expected, and it would be the first lines of every command's stderr.
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
+
 from stitchvm import distributed
-from stitchvm.config import ConfigError, load_params
+from stitchvm.config import ConfigError, check_device, load_params
 from stitchvm.stages import GRAPH, PARTITIONED, stage
 
 DATA_PARALLEL = ("samples", "labels", "train")  # the stages that split their work over torchrun's processes
+# The failures a stage expects and names in one line (a missing input, bad data, an unreachable or forbidden storage
+# endpoint); anything else is a bug and keeps its traceback.
+EXPECTED = (FileNotFoundError, PermissionError, ConnectionError, ValueError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line: argparse prints the whole usage above them (`--help` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _shards(text: str) -> list[int]:
+    """Shard numbers; their range depends on params, so `_check_shards` checks it once params are loaded."""
     try:
         shards = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shards takes comma-separated shard numbers, got {text!r}") from None
-    if not shards or min(shards) < 0:
-        raise argparse.ArgumentTypeError(f"--shards takes shard numbers >= 0, got {text!r}")
+    if not shards:
+        raise argparse.ArgumentTypeError(f"--shards takes comma-separated shard numbers, got {text!r}")
     return shards
 
 
+def _check_shards(args: argparse.Namespace, params) -> str | None:
+    """The one-line error for `--shards` outside the set's range (0..n-1, n from params), else None."""
+    if getattr(args, "shards", None) is None:
+        return None
+    from stitchvm.stages.upstream import shards_to_run
+    try:
+        shards_to_run(params, args.shards)
+    except ValueError as e:
+        return f"stitchvm {args.command}: --shards: {e}"
+    return None
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= `low`, refused by argparse itself (before any model or data is touched)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stitchvm", description=__doc__)
+    parser = _Parser(prog="stitchvm", description=__doc__)
     parser.add_argument("--params", default=None,
                         help="params file (default: params.yaml; for `smoke`: profiles/smoke.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--device", type=_device, default=None,
+                        help="auto | cpu | cuda | cuda:N, instead of params' `device` (default auto: CUDA when torch "
+                             "sees a GPU)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in GRAPH:
         p = sub.add_parser(name, help=f"run the `{name}` stage")
@@ -39,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     smoke = sub.add_parser("smoke", help="every stage but the world bootstrap in-process on a temporary root, on "
                                          "profiles/smoke.yaml unless --params; prints and writes a report")
     smoke.add_argument("--out", default="reports/smoke.json", help="where to write the JSON report")
-    smoke.add_argument("--threads", type=int, default=1,
+    smoke.add_argument("--threads", type=_at_least(0), default=1,
                        help="torch CPU threads (default 1: the smoke's models are tiny; 0: torch's default)")
     summary = sub.add_parser("summary", help="the pipeline's results in short: the evaluation table (eval.json), "
                                              "guidance and alignment when run, and where the outputs are")
@@ -53,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="guidance: count FLOPs and saved activations of the arch presets on `meta` (no GPU needed)")
     bench.add_argument("--updates", type=int, default=None, help="align: optimiser updates per method")
     bench.add_argument("--seeds", default=None, help="align: comma-separated seeds, every method once per seed")
-    bench.add_argument("--steps", type=int, default=None, help="value: training steps per variant")
+    bench.add_argument("--steps", type=_at_least(1), default=None, help="value: training steps per variant")
     bench.add_argument("--variants", default=None, help="value: comma-separated variants (default: all)")
     bench.add_argument("--methods", default=None,
                        help="guidance: comma-separated methods instead of guidance.methods (e.g. with best-of-n-matched)")
@@ -63,7 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in sub.choices.values():  # let --params/--no-progress also follow the command
         p.add_argument("--params", default=argparse.SUPPRESS)
         p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS)
+        p.add_argument("--device", type=_device, default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device is not None:  # read by stitchvm.stages.runtime.stage_device, here and in the bench's subprocesses
+        from stitchvm.stages.runtime import DEVICE_ENV, resolve_device
+        try:
+            resolve_device(args.device)  # a CUDA device torch cannot see fails now, not in the first model build
+        except ValueError as e:
+            print(f"stitchvm: {e}", file=sys.stderr)
+            return 2
+        os.environ[DEVICE_ENV] = args.device
     progress = not args.no_progress
     if distributed.launched() and args.command not in DATA_PARALLEL:
         print(f"stitchvm {args.command}: runs in one process; under torchrun only {', '.join(DATA_PARALLEL)} "
@@ -79,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"stitchvm: {e}", file=sys.stderr)
         return 2
+    if (message := _check_shards(args, params)) is not None:
+        print(message, file=sys.stderr)
+        return 2
     if args.command == "summary":
         return _summary(Path(args.reports), params, args.params)
     try:
@@ -93,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = stage(args.command).run(params, Paths.from_params(params), progress=progress, **kwargs)
         if not distributed.is_main():
             return 0  # rank 0 prints the summary
-    except (FileNotFoundError, ValueError) as e:
+    except EXPECTED as e:
         print(f"stitchvm {args.command}: {e}", file=sys.stderr)
         return 1
     finally:
@@ -138,7 +202,7 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
     except ConfigError as e:
         print(f"stitchvm bench {args.name}: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except EXPECTED as e:
         print(f"stitchvm bench {args.name}: {e}", file=sys.stderr)
         return 1
     return 0

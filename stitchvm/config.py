@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,25 +26,85 @@ def _check(ok: bool, reason: str) -> None:
 
 
 SOURCE_PREFIXES = ("world", "tiny", "arch")
+# The named sources of each role, as stitchvm/models/presets.py and world_source.py build them: config sits below
+# models and cannot import them, so it lists them (tests/test_bad_inputs.py checks that the lists agree).
+NAMED_SOURCES = {"backbone": ("world:sd3", "tiny:sd3", "arch:sd3.5-medium"),
+                 "reward": ("world:clip", "tiny:clip", "arch:clip-vit-l-14")}
+SOURCE_KINDS = "world:…, tiny:…, arch:…, a local folder, or a hub id org/name"
+
+
+class KeyedError(ValueError):
+    """A check of one field in `__post_init__`; `from_dict` reports it under that field's key path (`backbone.source`)
+    rather than the section's."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
 
 
 def _check_source(source: str) -> None:
-    """A model source that cannot be loaded fails here, when params load, not minutes later in a stage: a `name:`
-    source needs a known prefix, and a Hugging Face id needs the local cache when HF_HUB_OFFLINE is set."""
-    _check(bool(source), "source must not be empty")
-    if Path(source).expanduser().exists() or source.startswith(("/", ".", "~")):
-        return  # a local folder (a missing one is named by the model factory)
+    """Any spec, built from params or in code: a `name:` source needs a known scheme, so that a mistyped one
+    (`wrld:sd3`) is never taken for a hub id (hub ids have no ':'). The rest is checked at params load
+    (`_check_model_source`), since specs built in code may name folders that do not exist yet."""
+    if not source:
+        raise KeyedError("source", f"must not be empty ({SOURCE_KINDS})")
     prefix, colon, _ = source.partition(":")
-    if colon:
-        _check(prefix in SOURCE_PREFIXES, f"source {source!r} is not a model source: use world:<name>, "
-               f"tiny:<preset>, arch:<preset>, a Hugging Face id (org/name) or a local folder")
+    if colon and prefix not in SOURCE_PREFIXES and not _is_local(source):
+        raise KeyedError("source", f"{source!r} is not a known source ({SOURCE_KINDS})")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _check_model_source(role: str, source: str) -> None:
+    """What params load can know about `<role>.source` without the network: a named source exists for its role, a
+    local folder exists, a hub id is well formed, is no mistyped named source and, under HF_HUB_OFFLINE, is cached.
+    An uncached hub id online fails when the first stage builds the model (stitchvm/models/sources.py)."""
+    import difflib
+
+    named, other = NAMED_SOURCES[role], next(r for r in NAMED_SOURCES if r != role)
+    if _is_local(source):
+        _check(Path(source).expanduser().is_dir(), f"local folder {source!r} does not exist (relative paths start "
+                                                   f"from {Path.cwd()}): fix the path or use {', '.join(named)}")
         return
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if ":" in source:  # _check_source has seen the scheme; the name must exist, for this role
+        _check(source not in NAMED_SOURCES[other],
+               f"{source!r} is a {other} model, not a {role} (use {', '.join(named)})")
+        _check(source in named, f"{source!r} is not a known source ({', '.join(named)}, a local folder, or a hub id)")
+        return
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except ValueError:
+        raise ValueError(f"{source!r} is neither an existing local folder nor a hub id (org/name: letters, digits, "
+                         f"'-', '_', '.'), nor {', '.join(named)}") from None
+    close = difflib.get_close_matches(source, named, n=1, cutoff=0.75)  # `tiny-sd3` must not reach the hub
+    if close:
+        raise ValueError(f"{source!r} is not a known source: did you mean {close[0]!r}? (a hub id is org/name)")
+    if _hub_offline():
         from huggingface_hub.constants import HF_HUB_CACHE
 
         cached = Path(HF_HUB_CACHE) / f"models--{source.replace('/', '--')}"
-        _check(cached.is_dir(), f"source {source!r} is neither a local folder nor in the Hugging Face cache "
-               f"({HF_HUB_CACHE}), and HF_HUB_OFFLINE forbids downloading it")
+        _check(cached.is_dir(), f"hub id {source!r} is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
+               f"HF_HUB_OFFLINE forbids downloading it: download it online first, or use a local folder")
+
+
+def _check_model_sources(params: "Params") -> None:
+    """`_check_model_source` for the backbone and the reward, and the reward's head file; ConfigError with the key."""
+    for role, spec in (("backbone", params.backbone), ("reward", params.reward)):
+        try:
+            _check_model_source(role, spec.source)
+        except ValueError as e:
+            raise ConfigError(f"{role}.source: {e}") from None
+    head = params.reward.head
+    if head not in (None, "random", "world") and not Path(head).expanduser().is_file():
+        raise ConfigError(f"reward.head: file {head!r} does not exist (random, world, or a .safetensors/.pth file)")
 
 
 @dataclass(frozen=True)
@@ -527,9 +588,17 @@ class GuidanceConfig:
                "count_resolutions must list pixel sizes >= 8")
 
 
+def check_device(device: str) -> str:
+    """A device setting: `auto` (CUDA when torch sees a GPU, else the CPU), `cpu`, `cuda` or `cuda:N`."""
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None,
+           f"device {device!r} is not auto, cpu, cuda or cuda:N")
+    return device
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
+    device: str = "auto"  # where the stages run (stitchvm/stages/runtime.py); the CLI's --device overrides it
     backbone: ModelSpec = field(default_factory=ModelSpec)
     reward: RewardSpec = field(default_factory=RewardSpec)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -545,6 +614,7 @@ class Params:
     align: AlignConfig = field(default_factory=AlignConfig)
 
     def __post_init__(self):
+        check_device(self.device)
         _check(self.evaluate.mc_rollouts == 0 or set(self.evaluate.mc_sigmas) <= set(self.noisy.sigmas),
                f"evaluate.mc_sigmas {list(self.evaluate.mc_sigmas)} are not all among noisy.sigmas "
                f"{list(self.noisy.sigmas)}")
@@ -599,6 +669,8 @@ def from_dict(cls, data, path: str = ""):
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
+        if isinstance(e, KeyedError):  # one field's check: name the field, not just its section
+            raise ConfigError(f"{path + '.' if path else ''}{e.key}: {e}") from None
         raise ConfigError(f"{path or '<root>'}: {e}") from None
 
 
@@ -607,15 +679,32 @@ def load_params(path: str | Path) -> Params:
     if not path.is_file():
         raise ConfigError(f"params file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:  # file:line:column, as editors and compilers write it
         mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     try:
-        return from_dict(Params, data)
+        params = from_dict(Params, data)
+        _check_model_sources(params)
+        return params
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: plain YAML keeps the last one silently,
+    so a second `train:` section would quietly replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def to_dict(obj):

@@ -175,7 +175,8 @@ def build_meta(backbone: ModelSpec, reward: RewardSpec, i: int, j: int
             raise ValueError(f"counting mode builds models on the meta device, which needs a preset source "
                              f"(arch:… or tiny:…), got {spec.source!r}")
     bb, rw = build_backbone(backbone, "meta"), build_reward(reward, "meta")
-    return bb, rw, StitchedValueModel(bb, rw, i, j)
+    # no autocast on meta: the trainable parts in the reward's dtype count as autocast would run them
+    return bb, rw, StitchedValueModel(bb, rw, i, j, master_dtype=rw.dtype)
 
 
 def count(backbone: ModelSpec, reward: RewardSpec, cfg: GuidanceConfig, resolutions=None,

@@ -144,7 +144,9 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
                   "targets": {k: {"rule": f"{op} {v}", "value": r.get("1024", {}).get(k),
                                   "met": _met(op, v, r.get("1024", {}).get(k))} for k, (op, v) in TARGETS.items()}}
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from stitchvm.stages.runtime import stage_device
+
+        device = torch.device(stage_device(params))
         isolate = device.type == "cpu" if isolate is None else isolate
         s = None if isolate else setup(params, root)
         rows, seconds = [], {}

@@ -14,6 +14,8 @@ the tweedie and monte-carlo rows once per σ (they do not depend on the variant)
 - grouped+rank+high-sigma: and t drawn around σ 0.62 (logit-normal mean 0.5), where the headroom is.
 - prompt-head+rank: grouped+rank with the head on the prompt branch (`search.context: prompt`; the search is re-run
   on the stored probe set for it), so the value reads the prompt it is asked about.
+- distill-3x, prompt-head+rank-3x: distill and prompt-head+rank trained 3× as long (3000 steps): is the value
+  model short of training? (A variant without `context` uses the profile's `search.context`.)
 """
 from __future__ import annotations
 
@@ -32,8 +34,7 @@ VARIANTS = {
     "grouped+rank": {"group_size": 8, "lambda_rank": 1.0},
     "grouped+rank+high-sigma": {"group_size": 8, "lambda_rank": 1.0, "sigma_logit_mean": 0.5},
     "prompt-head+rank": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt"},
-    "prompt-head": {"context": "prompt"},
-    "prompt-head+sharp-rank": {"group_size": 8, "lambda_rank": 1.0, "rank_temperature": 0.1, "context": "prompt"},
+    "distill-3x": {"steps": 3000},
     "prompt-head+rank-3x": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt", "steps": 3000},
 }
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")

@@ -98,19 +98,71 @@ class Storage:
         self.write_bytes_atomic(rel, buf.getvalue())
 
     def read_table(self, rel: str, hint: str | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel, hint)))
+        data = self.read_bytes(rel, hint)
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except pa.ArrowException as e:  # pyarrow names only its in-memory buffer
+            raise ValueError(f"{self.path(rel)} is not a readable Parquet file ({e}): delete it and run the stage "
+                             f"that writes it again") from None
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes_atomic(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, rel: str, hint: str | None = None):
-        return json.loads(self.read_bytes(rel, hint))
+        try:
+            return json.loads(self.read_bytes(rel, hint))
+        except ValueError as e:  # JSONDecodeError (or bad UTF-8) without the file's name
+            raise ValueError(f"{self.path(rel)} is not valid JSON ({e}): delete it and run the stage that writes it "
+                             f"again") from None
 
 
 def open_root(root: str, storage_options: dict | None = None) -> Storage:
-    """`root` is a local folder or `s3://bucket/prefix`; storage_options go to fsspec (endpoint_url, key, secret...)."""
+    """`root` is a local folder or `s3://bucket/prefix`; storage_options go to fsspec (endpoint_url, key, secret...).
+    An S3 root is checked once per process first (`check_s3_root`), so a wrong endpoint fails in seconds."""
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    if {"s3", "s3a"} & set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        check_s3_root(root, storage_options)
     return Storage(fs, base)
+
+
+# The reachability check's own client: botocore's defaults (retries, 60 s timeouts) and s3fs's own retries turn an
+# endpoint where nothing listens into half a minute and a 135-line traceback; with these it fails in <= 5 s (a
+# legacy `max_attempts: 1` would still try twice). The storage itself keeps the defaults (they ride out throttling).
+PROBE_CONFIG = {"connect_timeout": 5, "read_timeout": 5, "retries": {"total_max_attempts": 1}}  # one try in all
+_checked_s3_roots: set[str] = set()
+
+
+def check_s3_root(root: str, storage_options: dict | None = None) -> None:
+    """One HEAD on the root's bucket with short timeouts and no retries: ConnectionError naming the endpoint when it
+    cannot be reached, PermissionError without credentials, FileNotFoundError when the bucket does not exist."""
+    import botocore.exceptions as boto
+
+    options = dict(storage_options or {})
+    key = json.dumps([root, options], sort_keys=True, default=str)
+    if key in _checked_s3_roots:
+        return
+    probe_options = {**options, "skip_instance_cache": True,
+                     "config_kwargs": {**options.get("config_kwargs", {}), **PROBE_CONFIG}}
+    probe, base = fsspec.core.url_to_fs(root, **probe_options)
+    probe.retries = 1  # s3fs's own retry loop, on top of botocore's
+    bucket = base.split("/", 1)[0]
+    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url") or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+    where = f"storage.root {root}"
+    try:
+        probe.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:  # s3fs's translation of a 404
+        raise FileNotFoundError(f"{where}: bucket {bucket!r} does not exist at {endpoint}: create it or fix "
+                                f"storage.root") from None
+    except boto.NoCredentialsError:
+        raise PermissionError(f"{where}: no S3 credentials for {endpoint}: set storage.options key/secret or "
+                              f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+    except (boto.ConnectionError, boto.HTTPClientError, ConnectionError, TimeoutError) as e:  # refused, silent, DNS
+        raise ConnectionError(f"{where}: cannot reach the S3 endpoint {endpoint} ({type(e).__name__}): start the "
+                              f"server or fix storage.options.client_kwargs.endpoint_url") from None
+    except OSError:
+        pass  # S3 answered (403 on HEAD where reads and writes are allowed, a region redirect): the stage decides
+    _checked_s3_roots.add(key)
 
 
 def sha256(data: bytes) -> str:
@@ -331,8 +383,8 @@ def read_shards(storage: Storage, name: str, keys: list[str] | None = None, shar
         data = storage.read_bytes(rel, hint=f"listed in {storage.path(shard_index_name(name, shard))}; "
                                             f"re-run write_shard for shard {shard}")
         if sha256(data) != digest:
-            raise ValueError(f"shard {storage.path(rel)} is corrupted or truncated: "
-                             f"sha256 {sha256(data)} != index {digest}")
+            raise ValueError(f"shard {storage.path(rel)} is corrupted or truncated (its sha256 differs from its "
+                             f"index): run the stage that writes {name!r} again (it rewrites damaged shards)")
         loaded = load_safetensors(data)
         for key in keys if keys is not None else sorted(loaded):
             if key not in loaded:

@@ -34,7 +34,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
-from stitchvm.models.backbone import Backbone
+from stitchvm.models.backbone import Backbone, upcast
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # (B, L, joint_dim) token states, (B, pooled_dim)
 
@@ -103,19 +103,22 @@ def euler_step(z: torch.Tensor, v: torch.Tensor, s, s_next) -> torch.Tensor:
 
 def sde_step(z: torch.Tensor, v: torch.Tensor, s, s_next, eta: float = 0.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """The stochastic DDIM-η step of the module docstring; η = 0 returns `euler_step(z, v, s, s_next)`."""
+    """The stochastic DDIM-η step of the module docstring; η = 0 returns `euler_step(z, v, s, s_next)`.
+    Computed in float32 at least and returned in z's dtype, as diffusers' FlowMatchEulerDiscreteScheduler.step (a
+    bf16 step would round the update (σ' - σ) v against z)."""
     eta = check_eta(eta)
+    dtype, z, v = z.dtype, upcast(z), upcast(v)
     out = euler_step(z, v, s, s_next)
     s, s_next = float(s), float(s_next)
     if eta == 0 or s_next <= 0:
-        return out
+        return out.to(dtype)
     ratio = (1 - s) * s_next / ((1 - s_next) * s)
     rho = eta * s_next * math.sqrt(max(0.0, 1 - ratio * ratio))
     if rho == 0:
-        return out
+        return out.to(dtype)
     eps_hat = z + (1 - s) * v
     noise = randn_tensor(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    return out + (math.sqrt(max(0.0, s_next * s_next - rho * rho)) - s_next) * eps_hat + rho * noise
+    return (out + (math.sqrt(max(0.0, s_next * s_next - rho * rho)) - s_next) * eps_hat + rho * noise).to(dtype)
 
 
 # ---- classifier-free guidance ----------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale: f
     sigmas = sigmas.to(z.device)
     for k in range(len(sigmas) - 1):
         s, s_next = sigmas[k], sigmas[k + 1]
-        t = s.expand(n).to(z.dtype)
+        t = s.expand(n).to(torch.promote_types(z.dtype, torch.float32))  # (n,) σ: float32 for bf16 latents too
         if guidance is None:
             u = cfg_velocity(backbone, z, t, conditioning.cond, conditioning.uncond, conditioning.scale)
         else:

@@ -118,7 +118,7 @@ def shared_branch(value_model: StitchedValueModel, backbone: Backbone, z: torch.
     head, tr = value_model.head, backbone.transformer
     b = z.shape[0]
     ctx, pooled = head.conditioning(b, cond=conditioning.cond if head.context == "prompt" else None)
-    h = head.pos_embed(z).contiguous()  # (B, N, D)
+    h = head.pos_embed(z.to(head.dtype)).contiguous()  # (B, N, D), as BackboneHead.forward
     temb = head.time_text_embed(t * 1000, pooled)  # (B, D)
     for block in head.blocks:
         ctx, h = block(h, ctx, temb)

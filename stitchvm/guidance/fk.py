@@ -72,11 +72,12 @@ def fk_sample(backbone: Backbone, prompts: list[str], steps: int, guidance_scale
     z = initial_latents(backbone, n, generator)
     sigmas = timesteps(backbone, steps, (z.shape[-2] // backbone.patch_size) * (z.shape[-1] // backbone.patch_size))
     sigmas = sigmas.to(z.device)
-    v = potential(z, sigmas[0].expand(n).to(z.dtype), expanded) if particles > 1 else None
+    tdtype = torch.promote_types(z.dtype, torch.float32)  # σ in float32 for bf16 latents too (as `sample`)
+    v = potential(z, sigmas[0].expand(n).to(tdtype), expanded) if particles > 1 else None
     log_w = torch.zeros(n, dtype=torch.float64, device=z.device)
     for k in range(steps):
         s, s_next = sigmas[k], sigmas[k + 1]
-        t, t_next = s.expand(n).to(z.dtype), s_next.expand(n).to(z.dtype)
+        t, t_next = s.expand(n).to(tdtype), s_next.expand(n).to(tdtype)
         u = cfg_velocity(backbone, z, t, cond.cond, cond.uncond, cond.scale)
         if proposals > 1 and k < proposal_fraction * steps:
             cands = torch.stack([sde_step(z, u, s, s_next, eta, generator) for _ in range(proposals)])  # (M, n, ...)

@@ -19,8 +19,14 @@ from stitchvm.models.presets import BACKBONE_PRESETS, is_preset, lookup
 from stitchvm.models.tokenizers import tiny_clip_tokenizer
 from stitchvm.models.collapsed_attention import ABSENT_T5_TOKENS, collapse_attention_
 from stitchvm.models.world_source import check_world_source, is_world, world_path
+from stitchvm.models.sources import loading
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 at least: bf16/fp16 widened; float32 (the same tensor, no op) and float64 left as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @contextmanager
@@ -111,18 +117,20 @@ class Backbone:
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) pixels in [-1, 1] (differentiable)."""
         cfg = self.vae.config
+        z0 = z0.to(self.vae.dtype)  # float32 latents (stored, or a value model's) into a bf16/fp16 VAE
         return self.vae.decode(z0 / cfg.scaling_factor + cfg.shift_factor).sample
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [-1, 1] -> (B, C, h, w) latents (the posterior mean, so encoding is deterministic)."""
         cfg = self.vae.config
+        pixels = pixels.to(self.vae.dtype)  # float32 images into a bf16/fp16 VAE
         return (self.vae.encode(pixels).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
 
     def velocity(self, z_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """v_θ(z_t, t, c) ≈ ε - z0 for t of shape (B,) in [0, 1]."""
         return self.transformer(
-            hidden_states=z_t, timestep=t * 1000, encoder_hidden_states=embeds, pooled_projections=pooled
+            hidden_states=z_t.to(self.transformer.dtype), timestep=t * 1000, encoder_hidden_states=embeds, pooled_projections=pooled
         ).sample
 
 
@@ -155,6 +163,11 @@ def _build_preset(spec: ModelSpec, device) -> Backbone:
 
 
 def _load_pretrained(spec: ModelSpec, device) -> Backbone:
+    with loading("backbone.source", spec.source):  # a missing repo or folder part: one line, not a paragraph
+        return _load_pretrained_parts(spec, device)
+
+
+def _load_pretrained_parts(spec: ModelSpec, device) -> Backbone:
     src, dtype = spec.source, DTYPES[spec.dtype]
     transformer = SD3Transformer2DModel.from_pretrained(src, subfolder="transformer", torch_dtype=dtype)
     backbone = Backbone(

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from stitchvm.models.backbone import DTYPES, Backbone, fan_in_init_, seeded
+from stitchvm.models.backbone import DTYPES, Backbone, fan_in_init_, seeded, upcast
 from stitchvm.config import RewardSpec
 from stitchvm.models.presets import REWARD_PRESETS, is_preset, lookup
 from stitchvm.models.tokenizers import tiny_clip_tokenizer
 from stitchvm.models.world_source import check_world_source, is_world, world_path
+from stitchvm.models.sources import loading
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -105,8 +106,17 @@ class ClipReward(nn.Module):
             raise ValueError(f"reward block j={j} is out of range: the reward model {self.spec.source!r} has "
                              f"{self.depth} blocks (valid j: 1..{self.depth})")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen CLIP's dtype (reward.dtype); scores, embeddings, the text-embedding cache and the aesthetic head
+        are float32 (at least)."""
+        return self.clip.dtype
+
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) normalised; resize shorter side to S, centre crop (as CLIP)."""
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, S, S) normalised; resize shorter side to S, centre crop (as CLIP).
+        Computed in float32 at least (the antialiased bicubic resize has no bfloat16 kernel on the CPU, and a
+        bf16 resize would add its rounding to the VAE's), then cast to the CLIP's dtype for its patch embedding."""
+        pixels = upcast(pixels)
         s = self.vision_config.image_size
         h, w = pixels.shape[-2:]
         if (h, w) != (s, s):
@@ -116,7 +126,7 @@ class ClipReward(nn.Module):
             top, left = (nh - s) // 2, (nw - s) // 2
             pixels = pixels[..., top:top + s, left:left + s]
         x = (pixels + 1) / 2
-        return (x - self.image_mean) / self.image_std
+        return ((x - self.image_mean) / self.image_std).to(self.dtype)  # (B, 3, S, S) in the CLIP's dtype
 
     def tokens_entering(self, pixels: torch.Tensor, j: int) -> torch.Tensor:
         """r_{<j}: the (B, 1+P, D) tokens that enter reward block j (j = 1: the embeddings, before pre_layrnorm)."""
@@ -136,7 +146,7 @@ class ClipReward(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher outputs on pixels: (B, E) l2-normalised embedding and (B, 1+P, D) final token states."""
         embeds, tokens = self.tail(1)(self.tokens_entering(pixels, 1))
-        return F.normalize(embeds, dim=-1), tokens
+        return F.normalize(upcast(embeds), dim=-1), tokens  # the embedding in float32 (it meets the text cache)
 
     @torch.no_grad()
     def text_embeds(self, prompts: list[str]) -> torch.Tensor:
@@ -162,27 +172,32 @@ class ClipReward(nn.Module):
 
     def head_scores(self, image_embeds: torch.Tensor) -> torch.Tensor | None:
         """(B,) the scalar head's scores of normalised image embeddings; None for a reward without a head."""
-        return None if self.head is None else self.head(image_embeds)
+        return None if self.head is None else self._head(image_embeds)
+
+    def _head(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B,) the aesthetic head (float32 weights whatever reward.dtype: an MLP on one vector) on (B, E) embeds."""
+        return self.head(image_embeds.to(self.head.layers[0].weight.dtype))
 
     def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(B,) r(x, prompt) of (B, 3, H, W) pixels in [-1, 1]; differentiable in the pixels."""
         embeds, _ = self.image_features(pixels)
         text = self.prompt_embeds(prompts)
-        return self.score(embeds, None if text is None else text.to(embeds))
+        return self.score(embeds, None if text is None else text.to(embeds.device))
 
     def score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) reward from normalised image embeddings (B, E) and, for CLIP, the matching text embeddings (B, E)."""
+        """(B,) reward from normalised image embeddings (B, E) and, for CLIP, the matching text embeddings (B, E).
+        Float32 whatever the embeddings' dtype (bf16 keeps ~3 digits: samples of one prompt would tie)."""
         if self.spec.kind == "aesthetic":
-            return self.head(image_embeds)
+            return self._head(image_embeds)
         if text_embeds is None:
             raise ValueError("a CLIP reward needs the prompts' text embeddings to score images")
-        return self.clip.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)
+        return upcast(self.clip.logit_scale).exp() * (upcast(image_embeds) * upcast(text_embeds)).sum(-1)
 
     def score_matrix(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """(B, K): every image against every prompt (for an aesthetic head the K columns are equal)."""
         if self.spec.kind == "aesthetic":
-            return self.head(image_embeds)[:, None].expand(-1, text_embeds.shape[0])
-        return self.clip.logit_scale.exp() * image_embeds @ text_embeds.T
+            return self._head(image_embeds)[:, None].expand(-1, text_embeds.shape[0])
+        return upcast(self.clip.logit_scale).exp() * upcast(image_embeds) @ upcast(text_embeds).T  # as `score`
 
 
 def score_latents(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -214,9 +229,11 @@ def build_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> ClipRe
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     else:
         source = _world_clip(spec.source) if is_world(spec.source) else spec.source
-        clip = CLIPModel.from_pretrained(source, dtype=dtype).to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(source)
+        with loading("reward.source", spec.source):  # a missing repo or folder part: one line, not a paragraph
+            clip = CLIPModel.from_pretrained(source, dtype=dtype).to(device)
+            tokenizer = CLIPTokenizer.from_pretrained(source)
         mean, std = _image_normalisation(source)
+    # the aesthetic head stays float32 (ClipReward._head); the CLIP takes reward.dtype
     head = _build_head(spec, clip.config.projection_dim, device) if spec.kind == "aesthetic" else None
     return ClipReward(spec, clip.to(dtype), tokenizer, head, mean, std).to(device)
 

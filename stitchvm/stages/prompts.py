@@ -42,12 +42,17 @@ def read_source(source: str) -> list[dict]:
     elif path.suffix == ".txt":
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     elif path.suffix == ".parquet":
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:  # one line that names the key, not pyarrow's exception
+            raise ValueError(f"prompt source {path} is not a readable Parquet file ({e}) (prompts.source)") from None
         if "prompt" not in table.column_names:
             raise ValueError(f"{path} has no column 'prompt' (columns: {table.column_names})")
-        prompts = [str(p) for p in table.column("prompt").to_pylist()]
+        prompts = [str(p).strip() for p in table.column("prompt").to_pylist() if p is not None and str(p).strip()]
     else:
         raise ValueError(f"prompt source {path} is not a .txt, a .parquet or an image folder (prompts.source)")
+    if not prompts:  # blank lines are skipped, so a file of blanks is empty too
+        raise ValueError(f"prompt source {path} holds no prompts (prompts.source): give one prompt a line")
     return [{"prompt": p, "category": "custom", "spec": None} for p in dict.fromkeys(prompts)]  # unique, in order
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from stitchvm.models.backbone import Backbone, build_backbone
-from stitchvm.config import ModelSpec, Params, RewardSpec
+from stitchvm.config import ModelSpec, Params, RewardSpec, check_device
 from stitchvm.models.reward import ClipReward, build_reward
 from stitchvm.data.storage import Storage, open_root
 
@@ -69,7 +69,29 @@ def _reward(spec: RewardSpec, device: str) -> ClipReward:
     return build_reward(spec, device)
 
 
+DEVICE_ENV = "STITCHVM_DEVICE"  # set by the CLI's --device: this process and the ones it starts (bench workers)
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when torch sees a GPU, else `cpu`; `cuda[:N]` must be visible (a one-line error if not)."""
+    device = check_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch {torch.__version__} sees {torch.cuda.device_count()} CUDA "
+                             f"device(s) (a CPU build of torch sees none; use --device cpu or auto)")
+    return device
+
+
+def stage_device(params: Params) -> str:
+    """Where a stage runs: $STITCHVM_DEVICE (the CLI's --device) where set, else `params.device`, resolved."""
+    return resolve_device(os.environ.get(DEVICE_ENV) or params.device)
+
+
 def models(params: Params, device: str | None = None) -> tuple[Backbone, ClipReward]:
-    """The backbone and reward of the params, built once per process (stages share them in-process)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The backbone and reward of the params on `device` (default: `stage_device(params)`), built once per process
+    (stages share them in-process)."""
+    device = resolve_device(str(device)) if device else stage_device(params)
     return _backbone(params.backbone, device), _reward(params.reward, device)

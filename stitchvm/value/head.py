@@ -45,6 +45,11 @@ class BackboneHead(nn.Module):
         self.register_buffer("null_pooled", pooled, persistent=False)  # (1, P)
         self.requires_grad_(False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen backbone's dtype (backbone.dtype): latents are cast to it on the way in."""
+        return self.pos_embed.proj.weight.dtype
+
     def grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
         return latent_hw[0] // self.patch_size, latent_hw[1] // self.patch_size
 
@@ -79,7 +84,7 @@ class BackboneHead(nn.Module):
         """(B, C, H, W), (B,) -> (B, N, D) image tokens after block i (or the list after every block 1..i)."""
         b = z_t.shape[0]
         ctx, pooled = self.conditioning(b, prompts, cond)  # (B, L, D), (B, P)
-        h = self.pos_embed(z_t).contiguous()  # (B, N, D)
+        h = self.pos_embed(z_t.to(self.dtype)).contiguous()  # (B, N, D); float32 z_t into a bf16/fp16 backbone
         temb = self.time_text_embed(t * 1000, pooled)  # (B, D)
         outs = []
         for block in self.blocks:

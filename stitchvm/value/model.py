@@ -6,11 +6,17 @@ With `context="prompt"` the head reads the conditional branch, u_{≤i}(z_t, t, 
 Trainable: the stitching layer, the class token, the position embeddings and a copy of the reward tail r_{≥j}.
 Frozen and shared (never serialised, rebuilt from their specs): the backbone head and the reward model (the teacher,
 its text tower and any score head).
+
+Precision: the frozen parts run in their specs' dtype (backbone.dtype, reward.dtype: float32, bfloat16 or float16);
+the trainable parts hold float32 master weights and, when the reward runs in a lower dtype, compute under
+`torch.autocast` in that dtype (`autocast`). The stitch casts at its boundaries (backbone tokens in, float32 out);
+embeddings, tokens and values leave the model in float32. With a float32 reward no autocast is entered at all.
 """
 from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from stitchvm.models.backbone import Backbone, build_backbone, seeded
+from stitchvm.models.backbone import Backbone, build_backbone, seeded, upcast
 from stitchvm.value.head import BackboneHead
 from stitchvm.config import ModelSpec, RewardSpec, from_dict, to_dict
 from stitchvm.models.reward import ClipReward, build_reward
@@ -30,8 +36,13 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
-                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "empty"):
+                 class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "empty",
+                 master_dtype: torch.dtype | None = None):
+        """`master_dtype`: the trainable parts' weights; default float32, or the reward's dtype if wider (a float64
+        test model). Counting mode on `meta`, where autocast does not exist and nothing trains, passes the reward's
+        dtype so that they count as autocast would run them."""
         super().__init__()
+        master_dtype = master_dtype or torch.promote_types(reward.dtype, torch.float32)
         reward.check_block(j)
         self.i, self.j = i, j
         self.backbone_spec, self.reward_spec = backbone.spec, reward.spec
@@ -40,12 +51,14 @@ class StitchedValueModel(nn.Module):
         embeddings = reward.clip.vision_model.embeddings
         with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
             self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid, factor=factor).to(
-                reward.image_mean.device, embeddings.class_embedding.dtype)  # the reward's dtype (bf16 backbones)
+                reward.image_mean.device, master_dtype)
         # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
+        # Copies of the frozen reward's weights become master weights (float32 from a bf16 reward).
         cls = embeddings.class_embedding if class_token is None else class_token
-        self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1))  # (1, 1, D)
-        self.position_embedding = nn.Parameter(embeddings.position_embedding.weight.detach().clone()[None])  # (1, 1+P, D)
-        self.tail = copy.deepcopy(reward.tail(j)).requires_grad_(True).train()
+        self.class_token = nn.Parameter(cls.detach().clone().reshape(1, 1, -1).to(master_dtype))  # (1, 1, D)
+        self.position_embedding = nn.Parameter(  # (1, 1+P, D)
+            embeddings.position_embedding.weight.detach().clone()[None].to(master_dtype))
+        self.tail = copy.deepcopy(reward.tail(j)).to(master_dtype).requires_grad_(True).train()
 
     @property
     def context(self) -> str:
@@ -66,20 +79,30 @@ class StitchedValueModel(nn.Module):
     def trainable_parameters(self):
         return [p for n, p in self.named_parameters() if n.startswith(TRAINABLE)]
 
+    def autocast(self):
+        """Mixed precision for the trainable parts: `torch.autocast` in the reward's dtype when that is lower than
+        the master weights' (bf16/fp16 rewards); a null context otherwise (float32: numerics untouched)."""
+        low, master = self.reward.dtype, self.class_token.dtype
+        if low == master:
+            return nullcontext()
+        return torch.autocast(self.class_token.device.type, dtype=low)
+
     def reward_tokens(self, u: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
         """(B, N, Db) head tokens u_{≤i} of a latent of size `latent_hw` -> (B, 1+P, D) tokens entering block j."""
-        s = self.stitch(u, self.head.grid(latent_hw))  # (B, P, D)
-        cls = self.class_token.expand(s.shape[0], -1, -1)
-        return torch.cat([cls, s], dim=1) + self.position_embedding
+        with self.autocast():
+            s = self.stitch(u, self.head.grid(latent_hw))  # (B, P, D) in the master dtype
+            cls = self.class_token.expand(s.shape[0], -1, -1)
+            return torch.cat([cls, s], dim=1) + self.position_embedding
 
     def stitch_tokens(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
         """(B, C, H, W), (B,) -> (B, 1+P, D) tokens entering reward block j (a prompt head needs `prompts`)."""
         return self.reward_tokens(self.head(z_t, t, prompts), z_t.shape[-2:])
 
     def embed_from_head(self, u: torch.Tensor, latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, E) l2-normalised predicted image embedding and (B, 1+P, D) per-token outputs of r_{≥j}."""
-        embeds, tokens = self.tail(self.reward_tokens(u, latent_hw))
-        return F.normalize(embeds, dim=-1), tokens
+        """(B, E) l2-normalised predicted image embedding and (B, 1+P, D) per-token outputs of r_{≥j}, float32."""
+        with self.autocast():
+            embeds, tokens = self.tail(self.reward_tokens(u, latent_hw))
+        return F.normalize(upcast(embeds), dim=-1), upcast(tokens)  # the loss and the score in float32
 
     def embed(self, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,8 @@ embeddings (the stitched model adds them back). With a sub-pixel U (`factor` > 1
 token itself and y the factor² reward patches under it (`pixel_unshuffle`), so each sub-position gets its own map.
 The fit streams over the probe set through the normal equations, so
 memory does not grow with the probe size. The normalised error is the fraction of y's variance left unexplained.
+Precision: the sums accumulate in float64 on the device the models run on, whatever their dtype (XᵀX of tokens with a
+large mean is ill-conditioned: float32 sums lose the fit), and the solve runs on the CPU (LAPACK's gelsd).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from stitchvm.progress import tqdm
 
-from stitchvm.models.backbone import Backbone
+from stitchvm.models.backbone import Backbone, upcast
 from stitchvm.value.head import BackboneHead
 from stitchvm.models.reward import ClipReward
 from stitchvm.value.stitching import map_to_tokens, resample, tokens_to_map
@@ -23,21 +25,24 @@ from stitchvm.value.model import StitchedValueModel
 
 
 class NormalEquations:
-    """Running sums for least squares of several targets on one design matrix with a bias column (float64)."""
+    """Running sums for least squares of several targets on one design matrix with a bias column (float64, on
+    `device`; inputs of any dtype and device are cast there)."""
 
-    def __init__(self, in_dim: int, out_dims: list[int]):
+    def __init__(self, in_dim: int, out_dims: list[int], device: str | torch.device = "cpu"):
         d = in_dim + 1
         self.out_dims = out_dims
-        self.xtx = torch.zeros(d, d, dtype=torch.float64)
-        self.xty = torch.zeros(d, sum(out_dims), dtype=torch.float64)
-        self.y_sum = torch.zeros(sum(out_dims), dtype=torch.float64)
-        self.y_sq = torch.zeros(sum(out_dims), dtype=torch.float64)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.xtx = torch.zeros(d, d, **f64)
+        self.xty = torch.zeros(d, sum(out_dims), **f64)
+        self.y_sum = torch.zeros(sum(out_dims), **f64)
+        self.y_sq = torch.zeros(sum(out_dims), **f64)
         self.n = 0
 
     def add(self, x: torch.Tensor, ys: list[torch.Tensor]) -> None:
         """x: (n, in_dim); ys: one (n, out_dim_k) tensor per target."""
-        x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-        y = torch.cat([t.double() for t in ys], dim=1)
+        dev = self.xtx.device  # float64 before any product: bf16/float32 sums of x·x lose the fit
+        x = torch.cat([x.to(dev, torch.float64), torch.ones(len(x), 1, dtype=torch.float64, device=dev)], dim=1)
+        y = torch.cat([t.to(dev, torch.float64) for t in ys], dim=1)
         self.xtx += x.T @ x
         self.xty += x.T @ y
         self.y_sum += y.sum(0)
@@ -45,11 +50,13 @@ class NormalEquations:
         self.n += len(x)
 
     def solve(self) -> list[tuple[torch.Tensor, float]]:
-        """Per target: W ((in_dim + 1), out_dim) with the bias in the last row, and the normalised error SSE/SST."""
-        w = torch.linalg.lstsq(self.xtx, self.xty, driver="gelsd").solution
+        """Per target: W ((in_dim + 1), out_dim) with the bias in the last row, and the normalised error SSE/SST
+        (float64, on the CPU: gelsd is a CPU driver)."""
+        xtx, xty, y_sq, y_sum = (a.cpu() for a in (self.xtx, self.xty, self.y_sq, self.y_sum))
+        w = torch.linalg.lstsq(xtx, xty, driver="gelsd").solution
         # SSE = Σ||y||² - tr(Wᵀ XᵀY) at the least-squares solution; SST = Σ||y - ȳ||².
-        sse_cols = self.y_sq - (w * self.xty).sum(0)
-        sst_cols = self.y_sq - self.y_sum ** 2 / self.n
+        sse_cols = y_sq - (w * xty).sum(0)
+        sst_cols = y_sq - y_sum ** 2 / self.n
         out, start = [], 0
         for d in self.out_dims:
             sl = slice(start, start + d)
@@ -100,28 +107,29 @@ def search_stitch(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, z_t:
     if context == "prompt" and (prompts is None or len(prompts) != len(z0)):
         raise ValueError(f"context 'prompt' needs one prompt per probe: got {0 if prompts is None else len(prompts)} "
                          f"for {len(z0)} probes")
-    pos = reward.clip.vision_model.embeddings.position_embedding.weight  # (1+P, D)
+    pos = upcast(reward.clip.vision_model.embeddings.position_embedding.weight)  # (1+P, D), float32 at least
     grid = head.grid(z0.shape[-2:])
     factor = subpixel_factor(grid, reward.grid) if upsample == "subpixel" else 1
-    fits = [NormalEquations(backbone.width, [reward.width * factor ** 2] * j_max) for _ in range(backbone.depth)]
-    cls_sum = torch.zeros(j_max, reward.width, dtype=torch.float64)
     dev = backbone.device
+    fits = [NormalEquations(backbone.width, [reward.width * factor ** 2] * j_max, dev) for _ in range(backbone.depth)]
+    cls_sum = torch.zeros(j_max, reward.width, dtype=torch.float64)
     for start in tqdm(range(0, len(z0), batch_size), desc="stitch search", disable=not progress):
         sl = slice(start, start + batch_size)
         z = z0[sl].to(dev)
         pixels = backbone.decode(z)
         targets = []
         for j in range(1, j_max + 1):
-            tok = reward.tokens_entering(pixels, j)  # (B, 1+P, D)
+            tok = upcast(reward.tokens_entering(pixels, j))  # (B, 1+P, D): a bf16 reward's tokens in float32
             cls_sum[j - 1] += (tok[:, 0] - pos[0]).double().sum(0).cpu()
             patches = tok[:, 1:] - pos[1:]  # (B, P, D)
             if factor > 1:  # the factor² patches under each backbone token: (B, N, factor²·D)
                 patches = map_to_tokens(F.pixel_unshuffle(tokens_to_map(patches, reward.grid), factor))
-            targets.append(patches.flatten(0, 1).cpu())
+            targets.append(patches.flatten(0, 1))  # (B·N, ·) on the device: the fits accumulate there
         feats = head(z_t[sl].to(dev), t[sl].to(dev), None if prompts is None else prompts[sl], all_blocks=True)
         for fit, u in zip(fits, feats):
+            u = upcast(u)  # bf16 head tokens resampled in float32 (U is linear: the fit is the stitch's F)
             x = u if factor > 1 else map_to_tokens(resample(tokens_to_map(u, grid), reward.grid))  # (B, ·, Db)
-            fit.add(x.flatten(0, 1).cpu(), targets)
+            fit.add(x.flatten(0, 1), targets)
     table, best = [], None
     for i, fit in enumerate(fits, start=1):
         for j, (w, err) in enumerate(fit.solve(), start=1):

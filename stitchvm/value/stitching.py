@@ -1,7 +1,9 @@
 """The stitching layer s(h) = U(F(h)) + G(U(F(h))) of METHOD.md.
 
 F: 1×1 conv (backbone width → reward width), initialised from the stage-1 least-squares fit.
-U: bilinear resampling from the backbone token grid to the reward patch grid. Where the reward grid is `factor` (≥ 2)
+U: bilinear resampling from the backbone token grid to the reward patch grid (area averaging where the token grid is
+   at least twice as fine on both axes, e.g. SD3.5 at 1024²: 64×64 tokens onto CLIP's 16×16 patches; bilinear would
+   read 2 of every 4 tokens per axis and alias). Where the reward grid is `factor` (≥ 2)
    times finer than the backbone's (the embedded world: 4×4 tokens, 8×8 CLIP patches), bilinear upsampling would give
    the factor² reward patches under one backbone token interpolations of the same features. `factor` > 1 makes U
    sub-pixel instead: F predicts all factor² patches of its token (width factor²·reward width, each sub-position
@@ -30,9 +32,13 @@ def map_to_tokens(fmap: torch.Tensor) -> torch.Tensor:
 
 
 def resample(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """U: bilinear resampling of a (B, D, h, w) map to `grid` (identity when the grids agree)."""
+    """U: resampling of a (B, D, h, w) map to `grid` (identity when the grids agree). Bilinear, except where `grid`
+    is at most half the map on both axes: there bilinear skips tokens (aliasing), so U averages each patch's tokens
+    (area, i.e. adaptive average pooling: exact box averages for integer factors)."""
     if tuple(fmap.shape[-2:]) == tuple(grid):
         return fmap
+    if all(2 * g <= n for g, n in zip(grid, fmap.shape[-2:])):
+        return F.interpolate(fmap, size=grid, mode="area")
     return F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
 
 
@@ -61,9 +67,11 @@ class StitchingLayer(nn.Module):
         self.proj.bias.copy_(bias)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, N, Din) backbone tokens on `grid` -> (B, P, Dout) reward patch tokens on `out_grid`."""
-        x = self.proj(tokens_to_map(tokens, grid))  # (B, factor²·Dout, h, w)
+        """(B, N, Din) backbone tokens on `grid` -> (B, P, Dout) reward patch tokens on `out_grid`, in the layer's
+        (master) dtype: bf16 backbone tokens come in, float32 tokens go out (autocast, if on, picks the convs' dtype)."""
+        dtype = self.proj.weight.dtype
+        x = self.proj(tokens_to_map(tokens.to(dtype), grid))  # (B, factor²·Dout, h, w)
         if self.factor > 1:
             x = F.pixel_shuffle(x, self.factor)  # (B, Dout, factor·h, factor·w)
         x = resample(x, self.out_grid)  # (B, Dout, h', w')
-        return map_to_tokens(x + self.residual(x))
+        return map_to_tokens(x + self.residual(x)).to(dtype)  # (B, P, Dout)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from stitchvm.progress import tqdm
 
 from stitchvm import distributed
-from stitchvm.models.backbone import Backbone
+from stitchvm.models.backbone import Backbone, upcast
 from stitchvm.config import TrainConfig
 from stitchvm.lr_schedule import warmup_cosine
 from stitchvm.diffusion.flow import forward_noise, logit_normal
@@ -61,7 +61,7 @@ def teacher_targets(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, ba
     for start in range(0, len(z0), batch_size):
         e, h = reward.image_features(backbone.decode(z0[start:start + batch_size].to(backbone.device)))
         embeds.append(e.cpu())
-        tokens.append(h.cpu())
+        tokens.append(upcast(h).cpu())  # float32 targets from a bf16 teacher (the student's outputs are float32)
     embeds = torch.cat(embeds)
     scores = reward.head_scores(embeds.to(reward.image_mean.device))
     scores = None if scores is None else scores.cpu()
