@@ -220,20 +220,11 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
 def _summary(reports: Path, params, params_file: str) -> int:
     """Print the evaluation table, guidance and alignment results (where their reports exist) and the outputs; the
     timings come from the stages' run records (reports/runs/<stage>.json), joined to the DVC metrics' rows."""
-    from stitchvm.stages.run_record import RUNS, join_rows, read_record
+    from stitchvm.stages.run_record import RUNS, join_rows, read_json, read_record
     from stitchvm.stages.tables import EVAL_COLUMNS, GUIDANCE_COLUMNS, format_cell, format_table
 
-    def load(name: str) -> dict | None:
-        path = reports / name
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
-
     try:
-        ev, guidance, align = load("eval.json"), load("guidance.json"), load("align.json")
+        ev, guidance, align = (read_json(reports / name) for name in ("eval.json", "guidance.json", "align.json"))
         runs = {name: read_record(reports, name) or {} for name in ("evaluate", "guidance", "align")}
     except ValueError as e:
         print(f"stitchvm summary: {e}", file=sys.stderr)

@@ -6,7 +6,8 @@ stored noisy test latents once (`evaluate.mc_rollouts` rollouts at `evaluate.mc_
 from the search's initialisation with the profile's `train` section changed as the variant says, and evaluates it
 on the same noisy latents. Rows: {variant, sigma, method, spearman_within_prompt, spearman_within_prompt_vs_mc},
 the tweedie and monte-carlo rows once per σ (they do not depend on the variant); `by_category` per variant;
-`train_seconds` per variant. Variants (`VARIANTS`):
+`train_seconds` per variant. Variants (`VARIANTS`, each a change of the profile's `train` section after
+`DISTILL`, so that `distill` is the paper's recipe even where the profile trains with groups and ranking):
 
 - distill: the embedding / token regression alone (the paper's recipe), i.i.d. batches.
 - grouped: batches of `group_size` latents of one prompt sharing t and ε, no ranking term.
@@ -37,6 +38,7 @@ VARIANTS = {
     "distill-3x": {"steps": 3000},
     "prompt-head+rank-3x": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt", "steps": 3000},
 }
+DISTILL = {"group_size": 1, "lambda_rank": 0.0}  # every variant starts from the paper's recipe, whatever params say
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
 
 
@@ -68,12 +70,12 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     searched = {}  # context -> search result
     rows, by_category, seconds = [], {}, {}
     for variant in variants:
-        changes = dict(VARIANTS[variant])
+        changes = {**DISTILL, **VARIANTS[variant]}
         context = changes.pop("context", params.search.context)
         if context not in searched:
             searched[context] = read_search(storage) if context == params.search.context else \
                 search_on_probe(params, storage, backbone, reward, context, progress)
-        cfg = dataclasses.replace(params.train, **changes, **({"steps": steps} if steps else {}))
+        cfg = dataclasses.replace(params.train, **{**changes, **({"steps": steps} if steps else {})})
         model = stitched_from_search(backbone, reward, searched[context]).to(backbone.device)
         start = time.perf_counter()
         train_value_model(model, z0, targets, cfg, params.seed, progress=progress, prompts=train_prompts)

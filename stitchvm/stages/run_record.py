@@ -30,7 +30,11 @@ def write_record(reports: Path, stage: str, record: dict) -> Path:
 
 def read_record(reports: Path, stage: str) -> dict | None:
     """The stage's run record, or None where the stage has not run (or ran before run records existed)."""
-    path = record_path(reports, stage)
+    return read_json(record_path(reports, stage))
+
+
+def read_json(path: Path) -> dict | None:
+    """A report's JSON, None where the file does not exist; a one-line ValueError naming it where it is broken."""
     if not path.is_file():
         return None
     try:
