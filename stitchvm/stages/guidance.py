@@ -4,7 +4,8 @@ Runs each method of `guidance.methods` (unguided, DPS-Tweedie, DPS-StitchVM, FK 
 best-of-N by the true reward) on the same test prompts and seeds, with the trained value model (`value_model/`) and
 the models of the params. Writes `reports/guidance.json` (rows as `bench guidance`: method, reward_mean, reward_std,
 …), `reports/guidance.png` (one row of decoded samples per method, the same seed in each column, each tile captioned
-with its true reward) and `reports/guidance/<method>.png` (unguided above the method, for every other method); logs
+with its true reward) and `reports/guidance/<method>.png` (unguided above the method, for every other method) and, where the evaluator applies,
+`reports/guidance/geneval_by_category.png` (GenEval per category and method); logs
 them to the training's MLflow run (a run of its own when training was not tracked). What the clock and the machine
 decide (each method's sec_per_sample and peak_mem_mb, measured in this process; the device; the value model's folder)
 and the MLflow run go to the run record `reports/runs/guidance.json` (stitchvm/stages/run_record.py), not to the DVC
@@ -64,6 +65,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
             if m != "unguided":
                 pngs[f"guidance/{m}.png"] = image_grid([("unguided", images["unguided"], runs["unguided"].rewards),
                                                         (m, images[m], runs[m].rewards)], headers)
+    if all(r.row.get("geneval_by_category") for r in runs.values()):
+        pngs["guidance/geneval_by_category.png"] = plots.geneval_bars([r.row for r in runs.values()])
     files = {}
     for name, png in pngs.items():
         (paths.reports / name).write_bytes(png)

@@ -100,6 +100,26 @@ def alignment_curves(curves: dict[str, list[dict]]) -> bytes:
     return _png(fig)
 
 
+def geneval_bars(rows: list[dict]) -> bytes:
+    """GenEval per category, one bar per method (`rows`: guidance rows with `geneval_by_category`) and the overall
+    value in the legend: where each sampler helps and where it hurts."""
+    rows = [r for r in rows if r.get("geneval_by_category")]
+    categories = list(rows[0]["geneval_by_category"])
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(categories)), 3.4))
+    for k, r in enumerate(rows):
+        ax.bar([c + (k - (len(rows) - 1) / 2) * width for c in range(len(categories))],
+               [r["geneval_by_category"][c] for c in categories], width,
+               label=f"{r['method']} ({r['geneval']:.2f})")
+    ax.set_xticks(range(len(categories)), [c.replace("_", " ") for c in categories], fontsize=8)
+    ax.set_ylabel("GenEval (evaluator)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("guidance: GenEval per category (overall in the legend)", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ---- image grids ---------------------------------------------------------------------------------------------------
 TILE = 96  # minimum tile size in the grids (small images are enlarged, nearest-neighbour)
 
