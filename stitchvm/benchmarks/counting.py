@@ -146,15 +146,21 @@ def _step(method: str, backbone: Backbone, reward: ClipReward, value_model: Stit
         return [potential(c, t_next, cond.prompts) for c in cands]
 
 
+def latent_size(backbone: Backbone, resolution: int) -> int:
+    """The latent side of `resolution`² pixels; a one-line error unless it is a positive multiple of VAE × patch."""
+    step = backbone.vae_scale * backbone.patch_size
+    if resolution < step or resolution % step:
+        raise ValueError(f"resolution {resolution} is not a positive multiple of {step} (VAE × patch size)")
+    return resolution // backbone.vae_scale
+
+
 def count_step(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel,
                resolution: int, cfg: GuidanceConfig, batch: int = 1) -> dict:
     """FLOPs and saved activations of one step of `method` at `resolution`² pixels for `batch` prompts."""
     if method not in COUNTED:
         raise ValueError(f"counting mode has no per-step cost for {method!r} (counted: {', '.join(COUNTED)})")
-    if resolution % (backbone.vae_scale * backbone.patch_size):
-        raise ValueError(f"resolution {resolution} is not a multiple of {backbone.vae_scale * backbone.patch_size}")
     dev = backbone.device
-    size = resolution // backbone.vae_scale
+    size = latent_size(backbone, resolution)
     z = torch.randn(batch, backbone.latent_channels, size, size, device=dev, dtype=backbone.transformer.dtype)
     t = torch.full((batch,), 0.5, device=dev, dtype=z.dtype)
     cond = encode_conditioning(backbone, [PROMPT] * batch, cfg.guidance_scale)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from stitchvm.benchmarks import load_profile
-from stitchvm.benchmarks.counting import PROMPT
+from stitchvm.benchmarks.counting import PROMPT, latent_size
 from stitchvm.config import ConfigError, GuidanceConfig, Params
 from stitchvm.diffusion.sampling import initial_latents, sample
 from stitchvm.guidance.dps import dps_stitchvm, dps_tweedie
@@ -58,17 +58,10 @@ def timed(fn, device: torch.device) -> tuple[float, float | None, float | None]:
     return seconds, absolute, None if peak.mb is None else peak.mb / 1024
 
 
-def check_resolution(backbone: Backbone, resolution: int) -> int:
-    step = backbone.vae_scale * backbone.patch_size
-    if resolution < step or resolution % step:
-        raise ValueError(f"resolution {resolution} is not a positive multiple of {step} (VAE × patch size)")
-    return resolution // backbone.vae_scale
-
-
 def sampling_row(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel,
                  cfg: GuidanceConfig, resolution: int, steps: int) -> dict:
     """One sample of `method` at `resolution`² (latent size resolution / vae_scale): time and peak memory."""
-    size = check_resolution(backbone, resolution)
+    size = latent_size(backbone, resolution)
     guidance = {"unguided": None, "dps-tweedie": lambda: dps_tweedie(reward, cfg.scale_tweedie),
                 "dps-stitchvm": lambda: dps_stitchvm(value_model, cfg.scale_stitchvm)}[method]
     guidance = guidance and guidance()
@@ -97,7 +90,7 @@ def random_targets(reward: ClipReward, n: int, gen: torch.Generator) -> TeacherT
 def training_row(value_model: StitchedValueModel, backbone: Backbone, params: Params, resolution: int, steps: int,
                  warmup: int, batch_size: int) -> dict:
     """`train_value_model` for warmup + steps steps on random latents at `resolution`²: samples/s after the warm-up."""
-    size = check_resolution(backbone, resolution)
+    size = latent_size(backbone, resolution)
     gen = torch.Generator().manual_seed(params.seed)
     z0 = torch.randn(batch_size, backbone.latent_channels, size, size, generator=gen)  # (N, C, h, w), float32 on CPU
     targets = random_targets(value_model.reward, batch_size, gen)
