@@ -40,8 +40,9 @@ def run_sharded(stitchvm: StitchVMResource, name: str, shapes_key: str, extra: d
 
 # Not Dagster-partitioned (a decision of the project): `dagster asset materialize --select '*'` refuses partitioned
 # assets without --partition. One materialisation runs every shard; the stage skips shards that are already complete,
-# and the metadata reports per-shard progress. Scale-out runs single shards in separate processes/machines with
-# `python -m stitchvm samples --shards 0,3` (same for labels); a later materialisation then only fills the gaps.
+# and the metadata reports per-shard progress. Scale-out inside a step: STITCHVM_NPROC=N runs the stage under torchrun
+# through Dagster Pipes (assets/torchrun.py), its N processes sharing the shards; across machines, single shards run
+# with `python -m stitchvm samples --shards 0,3` (same for labels), and a later materialisation only fills the gaps.
 @asset(group_name=GROUP, deps=list(GRAPH["samples"]), pool="gpu", description=doc("samples"))
 def samples(stitchvm: StitchVMResource) -> MaterializeResult:
     return run_sharded(stitchvm, SAMPLES, "latent_shape", {"source": lambda p: p.samples.source})

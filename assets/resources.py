@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from dagster import ConfigurableResource, Failure, InitResourceContext
+from dagster import (ConfigurableResource, DagsterInvariantViolationError, Failure, InitResourceContext,
+                     OpExecutionContext)
 
+from stitchvm.__main__ import DATA_PARALLEL  # the stages the command line runs under torchrun
 from stitchvm.config import ConfigError, Params, load_params
 from stitchvm.stages import stage
 from stitchvm.stages.runtime import Paths
+
+from assets.progress_log import progress_to_log
+from assets.torchrun import launch, torchrun_command
 
 
 # The failures a stage expects and names in one line (as the CLI's, stitchvm/__main__.py): a step fails with that line
@@ -42,6 +47,7 @@ class StitchVMResource(ConfigurableResource):
     reports_dir: str = "reports"
     checkpoints_dir: str = "checkpoints"
     threads: int = 0  # torch CPU threads per step (0: torch's default); `pipelines` shares the cores among the steps
+    nproc: int = 0  # > 0: the data-parallel stages run under torchrun with this many processes, through Dagster Pipes
 
     def params(self) -> Params:
         try:
@@ -54,17 +60,36 @@ class StitchVMResource(ConfigurableResource):
                                  checkpoints=Path(self.checkpoints_dir))
 
     def run_stage(self, name: str, **kwargs) -> StageRun:
-        """Run the library stage `name` (`stitchvm.stages.<name>.run`, no progress bars) on the params file; it reads
-        and writes the storage root itself. `kwargs` go to the stage's `run` (e.g. `shards=`)."""
+        """Run the library stage `name` (`stitchvm.stages.<name>.run`) on the params file; it reads and writes the
+        storage root itself. `kwargs` go to the stage's `run` (e.g. `shards=`).
+
+        Inside a Dagster step the stage's progress bars also go to the run's event log (assets/progress_log.py); with
+        `nproc` > 0 a data-parallel stage runs under torchrun in a Pipes session (assets/torchrun.py)."""
         params = self.params()
         paths = self.paths(params)
+        context = current_step()
+        if self.nproc > 0 and name in DATA_PARALLEL and context is not None and not kwargs:
+            command = torchrun_command(name, self.nproc, self.params_path, self.reports_dir, self.checkpoints_dir)
+            return StageRun(params, paths, launch(context, name, command))
         if self.threads > 0:
             torch.set_num_threads(self.threads)
         try:
-            summary = stage(name).run(params, paths, progress=False, **kwargs)
+            if context is None:
+                summary = stage(name).run(params, paths, progress=False, **kwargs)
+            else:
+                with progress_to_log(context.log):
+                    summary = stage(name).run(params, paths, progress=True, **kwargs)
         except EXPECTED as e:
             raise Failure(description=f"stitchvm {name}: {e}", allow_retries=False) from None
         return StageRun(params, paths, summary)
+
+
+def current_step() -> OpExecutionContext | None:
+    """The context of the Dagster step running now (None outside one: the resource used as a plain object)."""
+    try:
+        return OpExecutionContext.get()
+    except DagsterInvariantViolationError:
+        return None
 
 
 class MlflowResource(ConfigurableResource):

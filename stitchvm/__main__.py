@@ -19,7 +19,7 @@ from stitchvm import distributed
 from stitchvm.config import ConfigError, check_device, load_params
 from stitchvm.stages import GRAPH, PARTITIONED, stage
 
-DATA_PARALLEL = ("samples", "labels", "train")  # the stages that split their work over torchrun's processes
+DATA_PARALLEL = ("samples", "labels", "train", "align")  # the stages that split their work over torchrun's processes
 # The failures a stage expects and names in one line (a missing input, bad data, an unreachable or forbidden storage
 # endpoint); anything else is a bug and keeps its traceback.
 EXPECTED = (FileNotFoundError, PermissionError, ConnectionError, ValueError)
@@ -97,16 +97,21 @@ def main(argv: list[str] | None = None) -> int:
                                              "guidance and alignment when run, and where the outputs are")
     summary.add_argument("--reports", default="reports", help="the reports folder (default: reports)")
     bench = sub.add_parser("bench", help="a benchmark on a profile: prints a table and writes JSON")
-    bench.add_argument("name", choices=("guidance", "align", "value"), help="what to benchmark")
+    bench.add_argument("name", choices=("guidance", "align", "value", "memory"), help="what to benchmark")
     bench.add_argument("--profile", default="default",
                        help="`default` (params.yaml), a name under profiles/ (e.g. arch) or a .yaml path")
     bench.add_argument("--out", default=None, help="the JSON report (default: reports/bench_<name>.json)")
     bench.add_argument("--count", action="store_true",
-                       help="guidance: count FLOPs and saved activations of the arch presets on `meta` (no GPU needed)")
+                       help="guidance: FLOPs and saved activations per step, align: FLOPs per update, of the arch "
+                            "presets on `meta` (no GPU needed)")
+    bench.add_argument("--rewards", default=None,
+                       help="align --count: comma-separated reward presets summed (default: the profile's reward)")
     bench.add_argument("--updates", type=int, default=None, help="align: optimiser updates per method")
     bench.add_argument("--seeds", default=None, help="align: comma-separated seeds, every method once per seed")
-    bench.add_argument("--steps", type=_at_least(1), default=None, help="value: training steps per variant")
+    bench.add_argument("--steps", type=_at_least(1), default=None, help="value: training steps per variant; memory: train steps per run (default 20)")
     bench.add_argument("--variants", default=None, help="value: comma-separated variants (default: all)")
+    bench.add_argument("--per-prompt", default=None,
+                       help="memory: comma-separated samples.per_prompt sizes (default: 192,768; use --profile smoke)")
     bench.add_argument("--methods", default=None,
                        help="guidance: comma-separated methods instead of guidance.methods (e.g. with best-of-n-matched)")
     bench.add_argument("--sweep", action="append", default=None, metavar="METHOD=S1,S2",
@@ -168,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(args: argparse.Namespace, progress: bool) -> int:
     out = args.out or f"reports/bench_{args.name}.json"
-    if args.count and args.name != "guidance":
-        print("stitchvm bench: --count applies to `bench guidance` only", file=sys.stderr)
+    if args.count and args.name not in ("guidance", "align"):
+        print("stitchvm bench: --count applies to `bench guidance` and `bench align` only", file=sys.stderr)
+        return 2
+    if args.rewards is not None and not (args.name == "align" and args.count):
+        print("stitchvm bench: --rewards applies to `bench align --count` only", file=sys.stderr)
         return 2
     if args.sweep and (args.name != "guidance" or args.count):
         print("stitchvm bench: --sweep applies to `bench guidance` (run mode) only", file=sys.stderr)
@@ -196,6 +204,13 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
             from stitchvm.benchmarks.value import run
             run(args.profile, out, steps=args.steps, progress=progress,
                 variants=args.variants.split(",") if args.variants else None)
+        elif args.name == "memory":
+            from stitchvm.benchmarks.memory import PER_PROMPT, run
+            run(args.profile, out, steps=args.steps or 20, progress=progress,
+                per_prompt=tuple(int(n) for n in args.per_prompt.split(",")) if args.per_prompt else PER_PROMPT)
+        elif args.count:
+            from stitchvm.benchmarks.align_counting import run_count
+            run_count(args.profile, args.out or "reports/bench_align_count.json", args.rewards, progress=progress)
         else:
             from stitchvm.benchmarks.align import run
             run(args.profile, out, updates=args.updates, progress=progress, seeds=_seeds(args.seeds))

@@ -25,12 +25,14 @@ def _check(ok: bool, reason: str) -> None:
         raise ValueError(reason)
 
 
-SOURCE_PREFIXES = ("world", "tiny", "arch")
+SOURCE_PREFIXES = ("world", "tiny", "arch", "open_clip")
 # The named sources of each role, as stitchvm/models/presets.py and world_source.py build them: config sits below
 # models and cannot import them, so it lists them (tests/test_bad_inputs.py checks that the lists agree).
-NAMED_SOURCES = {"backbone": ("world:sd3", "tiny:sd3", "arch:sd3.5-medium"),
-                 "reward": ("world:clip", "tiny:clip", "arch:clip-vit-l-14")}
-SOURCE_KINDS = "world:…, tiny:…, arch:…, a local folder, or a hub id org/name"
+NAMED_SOURCES = {"backbone": ("world:sd3", "tiny:sd3", "arch:sd3.5-medium", "arch:sd3.5-large", "tiny:flux",
+                              "arch:flux.1-dev"),
+                 "reward": ("world:clip", "tiny:clip", "arch:clip-vit-l-14", "tiny:open_clip",
+                            "arch:open_clip-vit-h-14")}
+SOURCE_KINDS = "world:…, tiny:…, arch:…, open_clip:<arch>@<weights> (rewards), a local folder, or a hub id org/name"
 
 
 class KeyedError(ValueError):
@@ -71,6 +73,14 @@ def _check_model_source(role: str, source: str) -> None:
     if _is_local(source):
         _check(Path(source).expanduser().is_dir(), f"local folder {source!r} does not exist (relative paths start "
                                                    f"from {Path.cwd()}): fix the path or use {', '.join(named)}")
+        return
+    if source.startswith("open_clip:"):  # the architecture name is checked when the reward is built
+        _check(role == "reward", f"{source!r} is a reward model, not a {role}")
+        arch, _, weights = source.removeprefix("open_clip:").partition("@")
+        _check(bool(arch and weights), f"{source!r}: use open_clip:<architecture>@<weights file, org/repo/file or "
+                                       f"org/repo> (e.g. open_clip:ViT-H-14@xswu/HPSv2/HPS_v2.1_compressed.pt)")
+        _check(not weights.startswith(("/", ".", "~")) or Path(weights).expanduser().is_file(),
+               f"open_clip weights file {weights!r} does not exist")
         return
     if ":" in source:  # _check_source has seen the scheme; the name must exist, for this role
         _check(source not in NAMED_SOURCES[other],
@@ -248,9 +258,11 @@ class TrainConfig:
     lambda_rank: float = 0.0  # weight of the within-group ranking loss (needs group_size > 1)
     rank_temperature: float = 1.0  # ListNet temperature, in reward units
     checkpoint_every: int = 500
+    num_workers: int = 0  # DataLoader workers reading the training rows from the shards (0: the training process)
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")
         _check(self.stitch_lr_mult > 0, "stitch_lr_mult must be > 0")

@@ -119,3 +119,13 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's (n, ...) rows concatenated in rank order, (W·n, ...), on every rank (each rank holds n rows): the
+    inverse of taking `rank_slice` of the whole. Returned as is unlaunched."""
+    if world_size() == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(world_size())]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)

@@ -27,6 +27,16 @@ def aesthetic():
     return build_reward(RewardSpec("tiny:clip", kind="aesthetic", head="random"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`), restored after it: tiny
+    matmuls on a shared 2-core machine run 10-100× slower with OpenMP threads spinning against other processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

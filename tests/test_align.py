@@ -25,14 +25,7 @@ TINY = dict(updates=1, prompts_per_update=1, group_size=2, steps=3, lora_rank=2,
             nft=dict(train_times=1, lr=1e-2), draft=dict(lr=1e-2, k=1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: OpenMP threads spinning against other processes make them 10-100×
-    slower than one thread (measured); restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

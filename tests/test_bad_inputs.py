@@ -111,7 +111,7 @@ CASES = [
     Case("empty storage root", ["prompts"], {"storage": {"root": ""}}, 2, r"storage: root must not be empty"),
     # model sources
     Case("mistyped backbone scheme", ["prompts"], {"backbone": {"source": "wrld:sd3"}}, 2,
-         r"backbone\.source: 'wrld:sd3' is not a known source \(world:…, tiny:…, arch:…, a local folder, or a hub id"),
+         r"backbone\.source: 'wrld:sd3' is not a known source \(world:…, tiny:…, arch:…, open_clip:.*a local folder, or a hub id"),
     Case("mistyped reward scheme", ["prompts"], {"reward": {"source": "tiyn:clip"}}, 2,
          r"reward\.source: 'tiyn:clip' is not a known source"),
     Case("unknown preset", ["prompts"], {"backbone": {"source": "tiny:sd4"}}, 2,

@@ -1,5 +1,5 @@
 """The Dagster front-end on real Dagster: in-process materialisation of every asset and check, the asset graph vs
-the stage DAG, workspace.yaml and `dagster asset materialize --select 'prompts*'` on the command line, failing checks.
+the stage DAG, workspace.yaml and `dagster asset materialize --select '*'` on the command line, failing checks.
 The world's bootstrap assets are not materialised here (tests/test_world_stages.py trains a reduced world)."""
 import json
 import os
@@ -15,6 +15,7 @@ from dagster import AssetCheckSeverity, AssetKey, AssetSelection, DagsterInstanc
 from mlflow.tracking import MlflowClient
 
 import pipelines
+import pipelines.world
 from assets import MlflowResource, StitchVMResource
 from stitchvm.stages import BOOTSTRAP, GRAPH
 
@@ -111,6 +112,8 @@ def run(env):
 
 
 def test_asset_graph_is_the_stage_graph():
+    """The main location's graph is the stage DAG, the world's bootstrap stages as its external (shipped) assets;
+    the `world` location (pipelines.world) retrains them with a job of one op per bootstrap stage, in DAG order."""
     graph = pipelines.defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(GRAPH)
@@ -120,13 +123,16 @@ def test_asset_graph_is_the_stage_graph():
     assert groups == {"prompts": "data", "samples": "data", "labels": "data", "noisy": "data",
                       "search": "model", "train": "model", "evaluate": "model",
                       "guidance": "alignment", "align": "alignment", **{n: "world" for n in BOOTSTRAP}}
-    pools = {name: pipelines.defs.resolve_assets_def(name).op.pool for name in GRAPH}
+    assert {k.to_user_string() for k in graph.materializable_asset_keys} == set(GRAPH) - set(BOOTSTRAP)
+    pools = {name: pipelines.defs.resolve_assets_def(name).op.pool for name in GRAPH if name not in BOOTSTRAP}
     assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "train", "evaluate",
                                                                   "guidance", "align"}
     job_keys = pipelines.defs.resolve_job_def("stitchvm_all").asset_layer.selected_asset_keys
     assert {k.to_user_string() for k in job_keys} == set(GRAPH) - set(BOOTSTRAP)
-    world_keys = pipelines.defs.resolve_job_def("world_bootstrap").asset_layer.selected_asset_keys
-    assert {k.to_user_string() for k in world_keys} == set(BOOTSTRAP)
+    world = pipelines.world.defs.resolve_job_def("world_bootstrap").graph  # the retraining job: an op per stage
+    assert {node.name for node in world.nodes} == set(BOOTSTRAP)
+    assert {node.name: {d.node for d in deps.values()} for node, deps in world.dependencies.items()} == \
+        {name: set(GRAPH[name]) for name in BOOTSTRAP}
 
 
 @pytest.mark.e2e
@@ -219,8 +225,9 @@ def test_a_failed_gate_is_a_warning(run, env, tmp_path):
 @pytest.mark.e2e
 def test_the_dagster_cli_materializes_everything(env, tmp_path):
     """The command line, in a fresh DAGSTER_HOME, on a params file given through STITCHVM_PARAMS: workspace.yaml
-    loads (what `dagster dev -w workspace.yaml` reads), and `dagster asset materialize --select 'prompts*'` on the
-    module it names runs every pipeline asset (all but the world's bootstrap) and check with the code location's multiprocess executor.
+    loads with its two code locations (what `dagster dev -w workspace.yaml` reads), and `dagster asset materialize
+    --select '*'` on the main location runs every pipeline asset and check with the location's multiprocess executor
+    (the world is external there: `*` selects no world asset, and nothing retrains it).
 
     `dagster asset materialize` has no -w/--workspace option in dagster 1.13 (it takes a single code location:
     -m/-f/--package-name), so it is pointed at the `pipelines` module that workspace.yaml names: an installed package,
@@ -237,13 +244,15 @@ def test_the_dagster_cli_materializes_everything(env, tmp_path):
                                 env={**cli_env, "DAGSTER_HOME": str(dagster_home(tmp_path / "validate_home"))},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        proc = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "--select", "prompts*"],
+        proc = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines", "--select", "*"],
                               cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300)
         validated = validate.communicate(timeout=120)[0]
     finally:
         if validate.poll() is None:
             validate.kill()
     assert validate.returncode == 0, validated[-4000:]
+    assert "Validation successful for code location stitchvm" in validated
+    assert "Validation successful for code location world" in validated
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "RUN_SUCCESS" in proc.stderr and "STEP_FAILURE" not in proc.stderr
     for name, check in CHECKS:

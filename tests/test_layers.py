@@ -8,7 +8,7 @@ import stitchvm
 
 ROOT = Path(stitchvm.__file__).resolve().parent
 LAYERS = {
-    "config": 0, "profiling": 0, "progress": 0, "lr_schedule": 0, "data": 0, "distributed": 0,
+    "config": 0, "profiling": 0, "progress": 0, "lr_schedule": 0, "data": 0, "distributed": 0, "checkpoint_folder": 0,
     "models": 1,
     "diffusion": 2,
     "value": 3,

@@ -30,9 +30,10 @@ def test_building_does_not_touch_the_global_rng():
 
 
 @pytest.mark.parametrize("factory, spec, message", [
-    (build_backbone, ModelSpec("tiny:flux"), "unknown tiny backbone preset 'tiny:flux' (known: tiny:sd3)"),
-    (build_backbone, ModelSpec("arch:sd4"), "unknown arch backbone preset 'arch:sd4' (known: arch:sd3.5-medium)"),
-    (build_reward, RewardSpec("tiny:hps"), "unknown tiny reward preset 'tiny:hps' (known: tiny:clip)"),
+    (build_backbone, ModelSpec("tiny:sd4"), "unknown tiny backbone preset 'tiny:sd4' (known: tiny:flux, tiny:sd3)"),
+    (build_backbone, ModelSpec("arch:sd4"),
+     "unknown arch backbone preset 'arch:sd4' (known: arch:flux.1-dev, arch:sd3.5-large, arch:sd3.5-medium)"),
+    (build_reward, RewardSpec("tiny:hps"), "unknown tiny reward preset 'tiny:hps' (known: tiny:clip, tiny:open_clip)"),
 ])
 def test_unknown_presets_are_named(factory, spec, message):
     with pytest.raises(ValueError) as e:

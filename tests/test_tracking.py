@@ -206,10 +206,10 @@ def test_tracking_uri_prefers_the_environment(monkeypatch):
 
 # ---- the latent grid ------------------------------------------------------------------------------------------------
 def grid_model(native: int, max_patches: int | None, patch: int = 2, channels: int = 4) -> SimpleNamespace:
-    """What check_latent_grid reads of a value model: its head's SD3 patch embedding."""
-    embed = SimpleNamespace(height=native // patch, width=native // patch, patch_size=patch,
-                            pos_embed_max_size=max_patches, proj=SimpleNamespace(in_channels=channels))
-    return SimpleNamespace(head=SimpleNamespace(pos_embed=embed))
+    """What check_latent_grid reads of a value model: its head's latent facts (stitchvm/value/head.py)."""
+    head = SimpleNamespace(patch_size=patch, latent_channels=channels, native_latent_hw=(native, native),
+                           max_latent_side=max_patches * patch if max_patches else None)
+    return SimpleNamespace(head=head)
 
 
 def test_a_table_no_larger_than_the_native_grid_fixes_the_grid():

@@ -28,13 +28,7 @@ def small_transformer(text_hidden=64, text_proj=64):
                                     attention_head_dim=16, num_attention_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on shared cores: more threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from dagster import DagsterInstance, Definitions
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-import pipelines
+import pipelines.world
 from assets import MlflowResource, StitchVMResource
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, RewardSpec
@@ -48,7 +48,7 @@ def world(tmp_path_factory):
         mp.setenv("STITCHVM_WORLD", str(tmp / "world"))
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         mp.chdir(tmp)
-        defs = Definitions(assets=pipelines.defs.assets, jobs=pipelines.defs.jobs, resources={
+        defs = Definitions(assets=pipelines.world.defs.assets, jobs=pipelines.world.defs.jobs, resources={
             "stitchvm": StitchVMResource(params_path=str(params), reports_dir=str(tmp / "reports"),
                                          checkpoints_dir=str(tmp / "checkpoints")),
             "mlflow": MlflowResource(tracking_uri=uri)})

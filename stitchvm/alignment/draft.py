@@ -16,13 +16,17 @@ the states the differentiable steps visit; v_ref runs with the adapter disabled 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from stitchvm.progress import tqdm
 
+from stitchvm import distributed
+from stitchvm.alignment.checkpoint import AlignCheckpoint, start_or_resume
 from stitchvm.alignment.trainer import (PolicyEvalSet, Timer, check_value_model, eval_row, latent_hw, pick_prompts,
-                                        record_update, rollout, sigma_grid, slice_conditioning, stopping_step)
+                                        record_update, rollout, rollout_share, sample_generators, sigma_grid,
+                                        slice_conditioning, stopping_step)
 from stitchvm.config import AlignConfig
 from stitchvm.models.lora import TRAINED, LoraPolicy
 from stitchvm.models.reward import ClipReward, score_latents
@@ -32,13 +36,18 @@ from stitchvm.value.model import StitchedValueModel
 
 def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
                 value_model: StitchedValueModel | None = None, evalset: PolicyEvalSet | None = None,
-                callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
+                callback: Callable[[dict], None] | None = None, progress: bool = False,
+                checkpoint_dir: str | Path | None = None) -> list[dict]:
     """DRaFT (`cfg.method` "draft" or "draft-stitchvm") for `cfg.updates` updates; returns the history (rows as
-    `stitchvm.alignment.nft.train_nft`'s: step 0 = base evaluation, then loss, reward, τ, phase seconds, wall_s, eval_reward)."""
+    `stitchvm.alignment.nft.train_nft`'s: step 0 = base evaluation, then loss, reward, τ, phase seconds, wall_s,
+    eval_reward). Checkpoints, resuming and torchrun as `train_nft`."""
     method = cfg.method
     if method not in ("draft", "draft-stitchvm"):
         raise ValueError(f"train_draft runs 'draft' or 'draft-stitchvm', got method {method!r}")
     check_value_model(method, value_model, policy)
+    distributed.init_from_env()  # under torchrun: join the process group (a no-op when already joined or unlaunched)
+    n = cfg.prompts_per_update * cfg.group_size  # the global batch: every rank's rollouts
+    share = rollout_share(n)
     backbone, device = policy.backbone, policy.backbone.device
     generator = torch.Generator().manual_seed(seed)
     sigmas = sigma_grid(backbone, cfg.steps).to(device)
@@ -46,27 +55,32 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
     draft = cfg.draft
     optimiser = torch.optim.AdamW(params, lr=draft.lr, betas=(0.9, 0.999), weight_decay=draft.weight_decay)
     timer = Timer(device)
-    history = [{"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED, cfg.batch_size)}]
-    if callback:
-        callback(history[0])
-    wall = 0.0
+    ckpt = AlignCheckpoint(checkpoint_dir)
+    run = start_or_resume(ckpt, policy, optimiser, generator, evalset, n,
+                          lambda: {"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED,
+                                                                         cfg.batch_size)}, callback)
+    history, wall = run.history, run.wall
     policy.activate(TRAINED)
-    for step in tqdm(range(cfg.updates), desc=method, disable=not progress):
-        batch_prompts = [p for p in pick_prompts(prompts, cfg.prompts_per_update, generator)
-                         for _ in range(cfg.group_size)]
-        n = len(batch_prompts)
+    for step in tqdm(range(run.update, cfg.updates), desc=method, disable=not progress or not distributed.is_main(),
+                     initial=run.update, total=cfg.updates):
+        every_prompt = [p for p in pick_prompts(prompts, cfg.prompts_per_update, generator)
+                        for _ in range(cfg.group_size)]
+        batch_prompts = every_prompt[share]
+        m = len(batch_prompts)  # this rank's rollouts
         tau = stopping_step(cfg, method, generator)
         k_steps = min(draft.k, tau)
         with timer("sampling"):
             cond = encode_conditioning(backbone, batch_prompts, cfg.guidance_scale)
-            z_all = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)
-            z_all = z_all.to(device, backbone.transformer.dtype)
+            # the whole global batch's noise on every rank, each keeping its share (see train_nft)
+            z_all = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)[share]
+            z_all = z_all.to(device, backbone.transformer.dtype)  # (m, C, h, w)
+            sde = sample_generators(seed, step, range(n)[share])
         optimiser.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "objective": 0.0, "regulariser": 0.0}
         rewards = []
-        for a in range(0, n, cfg.batch_size):
+        for a in range(0, m, cfg.batch_size):
             sl = slice(a, a + cfg.batch_size)
-            c, m = slice_conditioning(cond, a, cfg.batch_size), min(a + cfg.batch_size, n) - a
+            c, b = slice_conditioning(cond, a, cfg.batch_size), min(a + cfg.batch_size, m) - a
             reg: list[torch.Tensor] = []
 
             def regulariser(k, z, t, v, c=c, reg=reg):
@@ -75,31 +89,37 @@ def train_draft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg:
                 reg.append(((v - v_ref) ** 2).mean(tuple(range(1, v.dim()))).mean())
 
             with timer("sampling"):
-                z = rollout(backbone, c, z_all[sl], sigmas, tau, cfg.eta, generator, grad_from=tau - k_steps,
+                z = rollout(backbone, c, z_all[sl], sigmas, tau, cfg.eta, sde[sl], grad_from=tau - k_steps,
                             on_step=regulariser if draft.reg_weight > 0 else None, checkpointing=cfg.checkpointing)
             with timer("reward"):
                 if method == "draft":
                     objective = score_latents(backbone, reward, z, c.prompts)
                 else:
-                    objective = value_model(z, sigmas[tau].expand(m).to(z.dtype), c.prompts)
+                    objective = value_model(z, sigmas[tau].expand(b).to(z.dtype), c.prompts)
             with timer("update"):
                 penalty = torch.stack(reg).mean() if reg else z.new_zeros(())
                 loss = -objective.mean() + draft.reg_weight * penalty
-                weight = m / n
-                (loss * weight).backward()
+                weight = b / m  # each rank's loss is the mean over its share (gradients averaged over ranks)
+                # into the adapter only: the frozen value model's trainable stitch and tail would otherwise get
+                # gradients too (wasted backward FLOPs, tests/test_align_counting.py)
+                (loss * weight).backward(inputs=params)
             totals["loss"] += float(loss.detach()) * weight
             totals["objective"] += float(objective.detach().mean()) * weight
             totals["regulariser"] += float(penalty.detach()) * weight
             rewards.append(objective.detach().float())
         with timer("update"):
+            distributed.average_gradients(params)  # clipped after the average: the global batch's norm, on every rank
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimiser.step()
         seconds = timer.take()
         wall += sum(seconds.values())
-        rewards = torch.cat(rewards)
+        totals = dict(zip(totals, distributed.average(torch.tensor(list(totals.values()), dtype=torch.float64,
+                                                                   device=device)).tolist()))  # the global batch's
+        rewards = distributed.gather_rows(torch.cat(rewards))  # (n,)
         row = {"step": step + 1, **totals, "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
                "reward_std": float(rewards.std(unbiased=False)), "tau": tau,
                **{f"{key}_s": v for key, v in seconds.items()}, "wall_s": wall}
         record_update(row, history, cfg, lambda: eval_row(policy, reward, evalset, TRAINED, cfg.batch_size),
-                      callback, "DRaFT")
+                      callback, "DRaFT", save=lambda: ckpt.save(step + 1, (step + 1) * n, policy, optimiser,
+                                                               generator, history, evalset, wall))
     return history

@@ -23,13 +23,17 @@ One update (`train_nft`; `adv_clip`, `train_times`, `old_rate`, ... are keys of 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
 from stitchvm.progress import tqdm
 
+from stitchvm import distributed
+from stitchvm.alignment.checkpoint import AlignCheckpoint, start_or_resume
 from stitchvm.alignment.trainer import (PolicyEvalSet, Timer, check_value_model, eval_row, latent_hw, pick_prompts,
-                                        record_update, rollout, sigma_grid, slice_conditioning, stopping_step)
+                                        record_update, rollout, rollout_share, sample_generators, sigma_grid,
+                                        slice_conditioning, stopping_step)
 from stitchvm.config import AlignConfig
 from stitchvm.models.lora import TRAINED, LoraPolicy
 from stitchvm.models.reward import ClipReward, true_reward
@@ -131,14 +135,17 @@ def ema_decay(step: int, cap: float = 0.9) -> float:
 # ---- the loop --------------------------------------------------------------------------------------------------
 def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: AlignConfig, seed: int = 0,
               value_model: StitchedValueModel | None = None, evalset: PolicyEvalSet | None = None,
-              callback: Callable[[dict], None] | None = None, progress: bool = False) -> list[dict]:
+              callback: Callable[[dict], None] | None = None, progress: bool = False,
+              checkpoint_dir: str | Path | None = None) -> list[dict]:
     """DiffusionNFT (`cfg.method` "nft" or "nft-stitchvm") for `cfg.updates` updates; returns the history.
 
     `policy` must carry the adapters "default", "old" and "ema" (`LoraPolicy(..., adapters=NFT_ADAPTERS)`).
     History: a row `step 0` (evaluation of the base policy, when `evalset` is given) and one row per update with the
     loss terms, the rollouts' reward, τ, the seconds spent in sampling / reward / update, the cumulative training
     wall time `wall_s` (evaluation excluded) and `eval_reward` every `cfg.eval_every` updates (EMA weights when
-    `cfg.nft.eval_ema`). Deterministic under `seed`.
+    `cfg.nft.eval_ema`). Deterministic under `seed`. With `checkpoint_dir` every update is checkpointed and a run
+    finding a checkpoint there continues from it (the history returned is the whole run's). Under torchrun each
+    rank rolls out its share of the global batch (`stitchvm.alignment.trainer`), rank 0 alone evaluates.
     """
     method = cfg.method
     if method not in ("nft", "nft-stitchvm"):
@@ -147,41 +154,52 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
     if missing:
         raise ValueError(f"the policy needs the adapters {NFT_ADAPTERS} for DiffusionNFT, missing {missing}")
     check_value_model(method, value_model, policy)
+    distributed.init_from_env()  # under torchrun: join the process group (a no-op when already joined or unlaunched)
+    n = cfg.prompts_per_update * cfg.group_size  # the global batch: every rank's rollouts
+    share = rollout_share(n)
     backbone, device = policy.backbone, policy.backbone.device
     generator = torch.Generator().manual_seed(seed)
     sigmas = sigma_grid(backbone, cfg.steps)
     nft = cfg.nft
-    optimiser = torch.optim.AdamW(policy.parameters(TRAINED), lr=nft.lr, betas=(0.9, 0.999),
-                                  weight_decay=nft.weight_decay)
+    params = policy.parameters(TRAINED)
+    optimiser = torch.optim.AdamW(params, lr=nft.lr, betas=(0.9, 0.999), weight_decay=nft.weight_decay)
     timer = Timer(device)
     eval_adapter = "ema" if nft.eval_ema else TRAINED
-    history = [{"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED, cfg.batch_size)}]
-    if callback:
-        callback(history[0])
-    wall = 0.0
-    for step in tqdm(range(cfg.updates), desc=method, disable=not progress):
-        batch_prompts = [p for p in pick_prompts(prompts, cfg.prompts_per_update, generator)
-                         for _ in range(cfg.group_size)]
-        groups = torch.arange(cfg.prompts_per_update).repeat_interleave(cfg.group_size)
-        n = len(batch_prompts)
+    ckpt = AlignCheckpoint(checkpoint_dir)
+    run = start_or_resume(ckpt, policy, optimiser, generator, evalset, n,
+                          lambda: {"step": 0, "wall_s": 0.0, **eval_row(policy, reward, evalset, TRAINED,
+                                                                         cfg.batch_size)}, callback)
+    history, wall = run.history, run.wall
+    for step in tqdm(range(run.update, cfg.updates), desc=method, disable=not progress or not distributed.is_main(),
+                     initial=run.update, total=cfg.updates):
+        every_prompt = [p for p in pick_prompts(prompts, cfg.prompts_per_update, generator)
+                        for _ in range(cfg.group_size)]
+        groups = torch.arange(cfg.prompts_per_update).repeat_interleave(cfg.group_size)  # (n,)
         tau = stopping_step(cfg, method, generator)
+        batch_prompts = every_prompt[share]
+        m = len(batch_prompts)  # this rank's rollouts
         # 1. rollouts of the old policy
         with timer("sampling"), torch.no_grad(), policy.use("old"):
             cond = encode_conditioning(backbone, batch_prompts, cfg.guidance_scale)
-            z = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)
-            z = z.to(device, backbone.transformer.dtype)
-            z_anchor = torch.cat([rollout(backbone, slice_conditioning(cond, k, cfg.batch_size), z[k:k + cfg.batch_size], sigmas,
-                                          tau, cfg.eta, generator) for k in range(0, n, cfg.batch_size)])
-        # 2. rewards and optimality
+            # the whole global batch's noise is drawn on every rank, which keeps its share: the same draws (and the
+            # same generator state) for any number of processes
+            z = torch.randn((n, backbone.latent_channels, *latent_hw(backbone)), generator=generator)[share]
+            z = z.to(device, backbone.transformer.dtype)  # (m, C, h, w)
+            sde = sample_generators(seed, step, range(n)[share])
+            z_anchor = torch.cat([rollout(backbone, slice_conditioning(cond, k, cfg.batch_size),
+                                          z[k:k + cfg.batch_size], sigmas, tau, cfg.eta, sde[k:k + cfg.batch_size])
+                                  for k in range(0, m, cfg.batch_size)])
+        # 2. rewards and optimality (relative to the prompt's whole group and the whole batch's spread: gathered)
         with timer("reward"), torch.no_grad():
             if method == "nft":
                 rewards = true_reward(backbone, reward, z_anchor, batch_prompts, cfg.batch_size)
             else:
-                s = sigmas[tau].expand(n).to(device, z_anchor.dtype)
+                s = sigmas[tau].expand(m).to(device, z_anchor.dtype)
                 rewards = torch.cat([value_model(z_anchor[k:k + cfg.batch_size], s[k:k + cfg.batch_size],
                                                  batch_prompts[k:k + cfg.batch_size])
-                                     for k in range(0, n, cfg.batch_size)]).float()
-            r = optimality(rewards, groups, nft.adv_clip).to(device)
+                                     for k in range(0, m, cfg.batch_size)]).float()
+            every_reward = distributed.gather_rows(rewards)  # (n,)
+            r = optimality(every_reward, groups, nft.adv_clip)[share].to(device)  # (m,)
         # 3. forward-process regression at the grid times above the anchor
         with timer("update"):
             s_tau = float(sigmas[tau]) if method == "nft-stitchvm" else 0.0
@@ -192,41 +210,46 @@ def train_nft(policy: LoraPolicy, reward: ClipReward, prompts: list[str], cfg: A
             optimiser.zero_grad(set_to_none=True)
             terms = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "old_deviation": 0.0}
             for k in times:
-                t = sigmas[k].expand(n).to(device, z_anchor.dtype)
-                eps = torch.randn(z_anchor.shape, generator=generator).to(device, z_anchor.dtype)
+                t = sigmas[k].expand(m).to(device, z_anchor.dtype)
+                eps = torch.randn((n, *z_anchor.shape[1:]), generator=generator)[share].to(device, z_anchor.dtype)
                 if method == "nft":
                     tb = t.view(-1, 1, 1, 1)
                     z_t, target = (1 - tb) * z_anchor + tb * eps, z_anchor
                 else:
                     z_t, u = bridge(z_anchor, s_tau, t, eps)
                     target = x0_target(z_t, t, u)
-                for a in range(0, n, cfg.batch_size):
+                for a in range(0, m, cfg.batch_size):
                     sl = slice(a, a + cfg.batch_size)
                     embeds, pooled = cond.cond[0][sl], cond.cond[1][sl]
+                    # cond.scale: a guidance-distilled backbone (FLUX) embeds the rollouts' scale; SD3 ignores it
                     with torch.no_grad():
                         with policy.use("old"):
-                            v_old = backbone.velocity(z_t[sl], t[sl], embeds, pooled)
+                            v_old = backbone.velocity(z_t[sl], t[sl], embeds, pooled, cond.scale)
                         v_ref = None
                         if nft.kl_weight > 0:
                             with policy.reference():
-                                v_ref = backbone.velocity(z_t[sl], t[sl], embeds, pooled)
-                    v = backbone.velocity(z_t[sl], t[sl], embeds, pooled)
+                                v_ref = backbone.velocity(z_t[sl], t[sl], embeds, pooled, cond.scale)
+                    v = backbone.velocity(z_t[sl], t[sl], embeds, pooled, cond.scale)
                     loss, metrics = nft_loss(v, v_old, v_ref, z_t[sl], t[sl], target[sl], r[sl], nft.beta,
                                              nft.kl_weight, nft.adv_clip)
-                    weight = (min(a + cfg.batch_size, n) - a) / n / len(times)
+                    weight = (min(a + cfg.batch_size, m) - a) / m / len(times)
                     (loss * weight).backward()
                     terms["loss"] += float(loss.detach()) * weight
                     for key, value in metrics.items():
                         terms[key] += value * weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(TRAINED), cfg.grad_clip)
+            distributed.average_gradients(params)  # clipped after the average: the global batch's norm, on every rank
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimiser.step()
             policy.ema_("old", TRAINED, old_decay(step, nft.old_rate, nft.old_max))
             policy.ema_("ema", TRAINED, ema_decay(step, nft.ema_max))
         seconds = timer.take()
         wall += sum(seconds.values())
-        row = {"step": step + 1, **terms, "grad_norm": float(grad_norm), "reward_mean": float(rewards.mean()),
-               "reward_std": float(rewards.std(unbiased=False)), "tau": tau, "train_times": len(times),
+        terms = dict(zip(terms, distributed.average(torch.tensor(list(terms.values()), dtype=torch.float64,
+                                                                 device=device)).tolist()))  # the global batch's
+        row = {"step": step + 1, **terms, "grad_norm": float(grad_norm), "reward_mean": float(every_reward.mean()),
+               "reward_std": float(every_reward.std(unbiased=False)), "tau": tau, "train_times": len(times),
                **{f"{key}_s": v for key, v in seconds.items()}, "wall_s": wall}
         record_update(row, history, cfg, lambda: eval_row(policy, reward, evalset, eval_adapter, cfg.batch_size),
-                      callback, "DiffusionNFT")
+                      callback, "DiffusionNFT", save=lambda: ckpt.save(step + 1, (step + 1) * n, policy, optimiser,
+                                                                      generator, history, evalset, wall))
     return history

@@ -1,6 +1,13 @@
 """Shared pieces of training-time alignment (DiffusionNFT, DRaFT): rollouts, the true reward, fixed evaluation,
 time accounting, one update's draws (prompts, τ) and closing an update (`record_update`).
 
+Data parallel under torchrun (`stitchvm.distributed`): every rank makes the same draws from the shared generator
+(prompts, τ, the whole global batch's initial noise and regression noise) and keeps its contiguous share of the
+global batch's rollouts (`rollout_share`); the η-SDE noise of sample b comes from its own generator
+(`sample_generators`), so no draw depends on which rank runs the sample. Rewards are gathered where the loss needs
+the whole batch (NFT's group advantages), gradients are averaged, and every rank ends an update with the same
+adapters. Rank 0 evaluates and writes the checkpoints.
+
 Steps and times: a rollout of `steps` steps walks the σ grid `sigmas = sampling.timesteps(backbone, steps)` from
 σ_0 = 1 down to σ_steps = 0. "Stop at step τ" means after τ sampler steps, at t = σ_τ (τ = steps: the clean latent).
 """
@@ -15,6 +22,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from stitchvm import distributed
 from stitchvm.models.backbone import Backbone
 from stitchvm.config import AlignConfig
 from stitchvm.models.lora import LoraPolicy
@@ -30,13 +38,14 @@ def sigma_grid(backbone: Backbone, steps: int, latent_size: int | None = None) -
 
 
 def rollout(backbone: Backbone, conditioning: Conditioning, z: torch.Tensor, sigmas: torch.Tensor, stop: int,
-            eta: float = 0.0, generator: torch.Generator | None = None, grad_from: int | None = None,
-            on_step=None, checkpointing: bool = False) -> torch.Tensor:
+            eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
+            grad_from: int | None = None, on_step=None, checkpointing: bool = False) -> torch.Tensor:
     """Run sampler steps 0..stop-1 from z at σ_0 (CFG velocity of `conditioning`, DDIM-η step of `sampling`).
 
-    Steps k >= `grad_from` run with autograd (None: no step does); earlier steps run under no_grad. `on_step(k, z, t,
-    v)` is called after each differentiable step's velocity (DRaFT's regulariser). `checkpointing` recomputes each
-    differentiable transformer pass in the backward instead of storing its activations.
+    `generator` draws the η-SDE noise: one for the batch, or a list with one per sample. Steps k >= `grad_from` run
+    with autograd (None: no step does); earlier steps run under no_grad. `on_step(k, z, t, v)` is called after each
+    differentiable step's velocity (DRaFT's regulariser). `checkpointing` recomputes each differentiable transformer
+    pass in the backward instead of storing its activations.
     """
     sigmas = sigmas.to(z.device)
     n = z.shape[0]
@@ -142,8 +151,9 @@ def draw_tau(window: tuple[int, int], generator: torch.Generator) -> int:
 
 
 def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: PolicyEvalSet | None, adapter: str, batch_size: int) -> dict:
-    """{"eval_reward": mean true reward of `adapter` on `evalset`}, or {} without an evaluation set."""
-    if evalset is None:
+    """{"eval_reward": mean true reward of `adapter` on `evalset`}, or {} without an evaluation set. Rank 0 alone
+    evaluates under torchrun (every rank holds the same adapters; the evaluation draws nothing from the generator)."""
+    if evalset is None or not distributed.is_main():
         return {}
     with policy.use(adapter) as backbone:
         mean, rewards, z0 = evaluate_policy(backbone, reward, evalset, batch_size)
@@ -152,13 +162,16 @@ def eval_row(policy: LoraPolicy, reward: ClipReward, evalset: PolicyEvalSet | No
 
 
 def record_update(row: dict, history: list[dict], cfg: AlignConfig, evaluate_adapter: Callable[[], dict],
-                  callback: Callable[[dict], None] | None, what: str) -> None:
-    """Close one update: fail on a non-finite loss, evaluate_policy every `eval_every` updates and at the end, record."""
+                  callback: Callable[[dict], None] | None, what: str, save: Callable[[], None] | None = None) -> None:
+    """Close one update: fail on a non-finite loss, evaluate_policy every `eval_every` updates and at the end, record,
+    `save` the checkpoint, then call `callback` (which therefore finds the update saved, whatever it does next)."""
     if not math.isfinite(row["loss"]):
         raise FloatingPointError(f"{what} loss became {row['loss']} at update {row['step']}")
     if row["step"] % cfg.eval_every == 0 or row["step"] == cfg.updates:
         row.update(evaluate_adapter())
     history.append(row)
+    if save:
+        save()
     if callback:
         callback(row)
 
@@ -173,6 +186,22 @@ def pick_prompts(prompts: list[str], n: int, generator: torch.Generator) -> list
     else:
         idx = torch.randint(len(prompts), (n,), generator=generator)
     return [prompts[int(k)] for k in idx]
+
+
+def rollout_share(n: int) -> slice:
+    """This rank's contiguous part of an update's n rollouts. Each rank's loss is a mean over its share, so equal shares
+    make the mean of the ranks' gradients the global batch's."""
+    world = distributed.world_size()
+    if n % world:
+        raise ValueError(f"align.prompts_per_update × align.group_size = {n} rollouts per update do not split into "
+                         f"{world} processes: make it a multiple of {world}")
+    return distributed.rank_slice(n)
+
+
+def sample_generators(seed: int, update: int, indices: range) -> list[torch.Generator]:
+    """One generator per rollout of the update (`indices` in the global batch) for its η-SDE noise: a sample's noise
+    depends on (seed, update, index) alone, not on the rank or micro-batch that runs it. Unused at η = 0."""
+    return [torch.Generator().manual_seed(((seed * 1_000_003 + update) * 1_000_003 + b) % 2 ** 63) for b in indices]
 
 
 def check_value_model(method: str, value_model: StitchedValueModel | None, policy: LoraPolicy) -> None:

@@ -11,6 +11,10 @@ method is run through the library's own functions:
   no_grad), then the correction `-c ∇V` and `sde_step`. `DPS.__call__` itself is not run because its coefficient
   reads σ as a Python float (`guidance._coefficient`: `float(t)`), which a meta tensor cannot give; it is a scalar and
   costs no FLOPs.
+- other backbones at 1024² (`count_backbones`, the rows `bench guidance --count` adds when 1024 is among its
+  resolutions): SD3.5-Large and FLUX.1-dev. FLUX.1-dev is guidance-distilled: its unguided step is one pass (no CFG
+  pair), and DPS-StitchVM is counted with the head that shares that pass (the prompt branch at the sampler's embedded
+  guidance) and with an empty-prompt head, whose i blocks are an extra forward.
 - `fk-tweedie` / `fk-stitchvm` (per particle, during the proposal phase): the CFG velocity, M proposal steps and the
   M potentials `steering.tweedie_potential` / `steering.stitchvm_potential` (no autograd).
 
@@ -41,6 +45,7 @@ from stitchvm.guidance.dps import dps_stitchvm, dps_tweedie
 from stitchvm.models.reward import ClipReward, build_reward
 from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode_conditioning, sde_step
 from stitchvm.guidance.fk import stitchvm_potential, tweedie_potential
+from stitchvm.stages.tables import format_table
 from stitchvm.value.model import StitchedValueModel
 
 aten = torch.ops.aten
@@ -85,16 +90,17 @@ class FusedAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is F.scaled_dot_product_attention:
-            names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-            for name, value in zip(names, args[3:]):
+            # positional or by keyword (diffusers' attention dispatch, used by FLUX, passes query=, key=, value=)
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            for name, value in zip(names, args):
                 kwargs[name] = value
-            q, k, v = args[:3]
+            q, k, v = kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value")
             if not kwargs.get("enable_gqa", False) and q.shape[-3] == k.shape[-3]:
                 out, _ = aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
                     attn_mask=kwargs.get("attn_mask"), scale=kwargs.get("scale"))
                 return out
-            args = args[:3]
+            return func(q, k, v, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -216,3 +222,68 @@ def ratios(rows: list[dict]) -> dict:
                                             if tw["saved_activation_gb"] else None),
         }
     return out
+
+
+# ---- other backbones at their real sizes: SD3.5-Large and FLUX.1-dev --------------------------------------------
+OTHER_BACKBONES = ("arch:sd3.5-large", "arch:flux.1-dev")
+PER_BACKBONE = ("unguided", "dps-tweedie", "dps-stitchvm")
+
+
+def head_contexts(backbone: Backbone) -> tuple[str, ...]:
+    """The value heads counted for DPS-StitchVM. SD3: the empty-prompt head, shared with CFG's unconditional pass. A
+    guidance-distilled backbone (FLUX.1-dev) steps with one pass on the prompt, so the head that shares it reads the
+    prompt ("prompt"); an empty-prompt head reads a branch nobody else runs and adds its i blocks ("empty")."""
+    return ("prompt", "empty") if backbone.family.distilled else ("empty",)
+
+
+def count_backbone(backbone: ModelSpec, reward: RewardSpec, cfg: GuidanceConfig, resolution: int = 1024,
+                   progress: bool = True) -> list[dict]:
+    """Rows {backbone, method, head, resolution, tflops_per_step, saved_activation_gb} of one backbone on meta:
+    unguided, DPS-Tweedie and DPS-StitchVM for every head of `head_contexts`."""
+    bb, rw = build_backbone(backbone, "meta"), build_reward(reward, "meta")
+    heads = {c: StitchedValueModel(bb, rw, cfg.value_i, cfg.value_j, master_dtype=rw.dtype, context=c)
+             for c in head_contexts(bb)}
+    rows = []
+    for method in PER_BACKBONE:
+        for context in (heads if method == "dps-stitchvm" else (None,)):
+            vm = heads[context or next(iter(heads))]  # unguided and DPS-Tweedie never read the value model
+            rows.append({"backbone": backbone.source, "head": context,
+                         **count_step(method, bb, rw, vm, resolution, cfg)})
+            if progress:
+                r = rows[-1]
+                print(f"  counted {backbone.source} {method}{f' ({context} head)' if context else ''} at "
+                      f"{resolution}²: {r['tflops_per_step']:.4g} TFLOP ({r['count_s']} s)", flush=True)
+    return rows
+
+
+def count_backbones(reward: RewardSpec, cfg: GuidanceConfig, dtype: str = "bfloat16", resolution: int = 1024,
+                    backbones: tuple[str, ...] = OTHER_BACKBONES, progress: bool = True) -> list[dict]:
+    """`count_backbone` for each of `backbones` (presets) in `dtype`."""
+    return [row for source in backbones
+            for row in count_backbone(ModelSpec(source, dtype=dtype), reward, cfg, resolution, progress)]
+
+
+def backbone_ratios(rows: list[dict]) -> dict:
+    """Per backbone: DPS-Tweedie / DPS-StitchVM and DPS-StitchVM / unguided FLOPs for the shared head (SD3: empty;
+    FLUX: prompt), and for FLUX the empty head's FLOPs over the shared one's (the price of not sharing)."""
+    out = {}
+    for source in dict.fromkeys(r["backbone"] for r in rows):
+        by = {(r["method"], r["head"]): r["tflops_per_step"] for r in rows if r["backbone"] == source}
+        shared = by.get(("dps-stitchvm", "prompt"), by.get(("dps-stitchvm", "empty")))
+        out[source] = {"tweedie_over_stitchvm_flops": by[("dps-tweedie", None)] / shared,
+                       "stitchvm_over_unguided_flops": shared / by[("unguided", None)]}
+        if ("dps-stitchvm", "prompt") in by and ("dps-stitchvm", "empty") in by:
+            out[source]["empty_head_over_shared_head_flops"] = by[("dps-stitchvm", "empty")] / shared
+    return out
+
+
+def format_backbone_rows(rows: list[dict]) -> str:
+    """The rows of `count_backbones` as a table, then each backbone's ratios."""
+    columns = ("backbone", "method", "head", "resolution", "tflops_per_step", "saved_activation_gb")
+    lines = [format_table(rows, columns)]
+    for source, r in backbone_ratios(rows).items():
+        extra = (f", empty head / shared head {r['empty_head_over_shared_head_flops']:.3g}"
+                 if "empty_head_over_shared_head_flops" in r else "")
+        lines.append(f"{source}: Tweedie/StitchVM FLOPs {r['tweedie_over_stitchvm_flops']:.3g}, StitchVM/unguided "
+                     f"FLOPs {r['stitchvm_over_unguided_flops']:.3g}{extra}")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ one at (guidance.value_i, guidance.value_j) on the same models (cost is the same
 Counting mode (`--count`, `stitchvm.benchmarks.counting`): FLOPs and saved activations per guided step at real sizes on
 the meta device (the `arch` presets unless the profile names other `arch:` models; `guidance.count_resolutions`,
 the stitch at (guidance.value_i, guidance.value_j), one prompt with CFG). JSON: {"device", "profile", "rows": [{"method", …}], …}.
+With 1024 among the resolutions it adds SD3.5-Large and FLUX.1-dev at 1024² ("backbones", "backbone_ratios").
 """
 from __future__ import annotations
 
@@ -143,6 +144,11 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
                   "guidance_scale": cfg.guidance_scale, "batch": 1, "rows": rows, "ratios": r,
                   "targets": {k: {"rule": f"{op} {v}", "value": r.get("1024", {}).get(k),
                                   "met": _met(op, v, r.get("1024", {}).get(k))} for k, (op, v) in TARGETS.items()}}
+        if 1024 in (resolutions or cfg.count_resolutions):  # SD3.5-Large and FLUX.1-dev rows at 1024²
+            from stitchvm.benchmarks.counting import backbone_ratios, count_backbones
+
+            report["backbones"] = count_backbones(rspec, cfg, bspec.dtype, progress=progress)
+            report["backbone_ratios"] = backbone_ratios(report["backbones"])
     else:
         from stitchvm.stages.runtime import stage_device
 
@@ -162,6 +168,10 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
                   "value_model": _value_source(params, root) if s is None else s.value_source,
                   "isolated": isolate, "config": to_dict(cfg), "rows": rows}
     print(format_report(report))
+    if report.get("backbones"):
+        from stitchvm.benchmarks.counting import format_backbone_rows
+
+        print(format_backbone_rows(report["backbones"]))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))

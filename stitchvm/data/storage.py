@@ -9,10 +9,14 @@ per shard) without any shared file to coordinate on:
 
 A file only ever appears under its final name once it is complete (temporary name + rename locally; a single
 committed PUT on S3), and a shard's index part is written after the shard itself, so a shard without its part is
-simply "not written yet". The index is the concatenation of all parts; `expected_shards` makes a reader fail
-clearly, naming the missing shard ids, instead of quietly reading a partial set. Every shard's sha256 is in its
-part, so a truncated or corrupted shard is detected on read instead of being silently used, and re-running a
-stage skips shards whose bytes already match what it would write.
+simply "not written yet". A process killed mid-write leaves at most a `*.tmp-<uuid>` file, removed by the next
+write of that file or by `prune_shard_set`, so a resumed set ends up holding exactly the files of an uninterrupted
+one. An S3 endpoint lost mid-run fails the call in one line (ConnectionError naming it); the re-run resumes.
+
+The index is the concatenation of all parts; `expected_shards` makes a reader fail clearly, naming the missing
+shard ids, instead of quietly reading a partial set. Every shard's sha256 is in its part, so a truncated or
+corrupted shard is detected on read instead of being silently used, and re-running a stage skips shards whose bytes
+already match what it would write.
 
 A shard also records what made it: the writer's `fingerprint` (a digest of the params and upstream inputs that
 determine its contents) sits in its index part's Parquet metadata. A shard whose fingerprint differs from the one
@@ -20,12 +24,14 @@ the stage would write now counts as not written (`shard_status` says why), so ch
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import re
 import uuid
+from contextlib import contextmanager
 
 import fsspec
 import pyarrow as pa
@@ -42,14 +48,35 @@ PART_RE = re.compile(r"shard-(\d+)\.parquet$")
 RESERVED = ("row", "shard", "shard_row", "dtype", "shape", "sha256")
 FINGERPRINT_KEY = b"stitchvm.fingerprint"  # in an index part's schema metadata
 NOT_WRITTEN = "not written yet"  # `shard_status` of a shard without an index part
+TMP_MARK = ".tmp-"  # a local file being written is `final.tmp-<uuid>` until its rename
+SHARD_RE = re.compile(r"shard-(\d+)\.safetensors$")
 
 
 class Storage:
     """An fsspec filesystem plus a root path; every method takes paths relative to the root."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, base: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, base: str, endpoint: str | None = None):
         self.fs, self.base = fs, base.rstrip("/")
         self.local = isinstance(fs, LocalFileSystem)
+        self.endpoint = endpoint  # an S3 root's endpoint, named when it cannot be reached
+
+    @contextmanager
+    def reaching(self, full: str):
+        """Turn a lost S3 endpoint (refused, reset, timed out after botocore's and s3fs's retries) into one line.
+
+        Without it the CLI prints botocore's 100-line traceback; with it the failure names the endpoint and says that
+        the re-run resumes (files complete before the failure are kept; nothing partial is visible on S3)."""
+        if self.local:
+            yield
+            return
+        import botocore.exceptions as boto  # s3fs's dependency: present whenever the root is on S3
+
+        try:
+            yield
+        except (boto.ConnectionError, boto.HTTPClientError) as e:
+            raise ConnectionError(f"{full}: lost the S3 endpoint {self.endpoint or 'of storage.root'} "
+                                  f"({type(e).__name__}): when it is reachable again, re-run the stage (it resumes)"
+                                  ) from None
 
     def path(self, *parts: str) -> str:
         """Full path (s3://bucket/prefix/... or /local/dir/...), as used by the filesystem and in error messages."""
@@ -57,24 +84,49 @@ class Storage:
         return joined if self.local else self.fs.unstrip_protocol(joined)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        with self.reaching(self.path(rel)):
+            return self.fs.exists(self.path(rel))
 
     def remove(self, rel: str) -> None:
-        self.fs.rm_file(self.path(rel))
+        with self.reaching(self.path(rel)):
+            self.fs.rm_file(self.path(rel))
+
+    def glob(self, *parts: str) -> list[str]:
+        """Full paths matching the pattern `parts` (joined like `path`); listing caches are dropped first, since other
+        processes add files behind s3fs's back."""
+        pattern = self.path(*parts)
+        with self.reaching(pattern):
+            self.fs.invalidate_cache(os.path.dirname(pattern))
+            return self.fs.glob(pattern)
+
+    def read_bytes_or_none(self, rel: str) -> bytes | None:
+        """The file's bytes, or None when there is none (a single read: no separate, cacheable exists())."""
+        with self.reaching(self.path(rel)):
+            try:
+                return self.fs.cat_file(self.path(rel))
+            except FileNotFoundError:
+                return None
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         """Write so that readers see either the old file or the complete new one, never a partial one.
 
         Locally: write + fsync a sibling `rel.tmp-<uuid>` and os.replace it onto the final name (atomic on POSIX).
-        On S3 an object becomes visible only when its PUT (or multipart upload) completes, so writing the final
-        key directly is already atomic, and a tmp key + copy would double the traffic for nothing.
+        A sibling left by a writer killed before its rename is removed first (one writer per file: a shard belongs
+        to one process). On S3 an object becomes visible only when its PUT (or multipart upload) completes, so
+        writing the final key directly is already atomic, and a tmp key + copy would double the traffic for nothing.
         """
         final = self.path(rel)
         if not self.local:
-            self.fs.pipe_file(final, data)
+            with self.reaching(final):
+                self.fs.pipe_file(final, data)
             return
         self.fs.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        for stale in glob.glob(glob.escape(final) + TMP_MARK + "*"):
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
+        tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -86,11 +138,10 @@ class Storage:
                 os.remove(tmp)
 
     def read_bytes(self, rel: str, hint: str | None = None) -> bytes:
-        full = self.path(rel)
-        try:
-            return self.fs.cat_file(full)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{full} does not exist" + (f": {hint}" if hint else "")) from None
+        data = self.read_bytes_or_none(rel)
+        if data is None:
+            raise FileNotFoundError(f"{self.path(rel)} does not exist" + (f": {hint}" if hint else ""))
+        return data
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -119,15 +170,28 @@ class Storage:
 def open_root(root: str, storage_options: dict | None = None) -> Storage:
     """`root` is a local folder or `s3://bucket/prefix`; storage_options go to fsspec (endpoint_url, key, secret...).
     An S3 root is checked once per process first (`check_s3_root`), so a wrong endpoint fails in seconds."""
-    fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    if {"s3", "s3a"} & set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        check_s3_root(root, storage_options)
-    return Storage(fs, base)
+    if fsspec.utils.get_protocol(root) not in ("s3", "s3a"):
+        return Storage(*fsspec.core.url_to_fs(root, **(storage_options or {})))
+    check_s3_root(root, storage_options)
+    options = dict(storage_options or {})
+    options["config_kwargs"] = {**STORAGE_CONFIG, **options.get("config_kwargs", {})}  # the user's keys win
+    return Storage(*fsspec.core.url_to_fs(root, **options), endpoint=s3_endpoint(storage_options))
 
 
+def s3_endpoint(storage_options: dict | None) -> str:
+    """The endpoint an S3 root talks to, as error messages name it."""
+    options = storage_options or {}
+    return (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url") or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+
+
+# The storage's own client: botocore's `standard` retry mode (3 attempts in all, throttling and transient errors
+# included: what AWS recommends) instead of the `legacy` default, whose 5 attempts with random exponential backoff
+# took 4-12 s per call on an endpoint that went away mid-run (then the stage fails in one line: `Storage.reaching`).
+STORAGE_CONFIG = {"connect_timeout": 10, "retries": {"mode": "standard", "total_max_attempts": 3}}
 # The reachability check's own client: botocore's defaults (retries, 60 s timeouts) and s3fs's own retries turn an
 # endpoint where nothing listens into half a minute and a 135-line traceback; with these it fails in <= 5 s (a
-# legacy `max_attempts: 1` would still try twice). The storage itself keeps the defaults (they ride out throttling).
+# legacy `max_attempts: 1` would still try twice).
 PROBE_CONFIG = {"connect_timeout": 5, "read_timeout": 5, "retries": {"total_max_attempts": 1}}  # one try in all
 _checked_s3_roots: set[str] = set()
 
@@ -146,8 +210,7 @@ def check_s3_root(root: str, storage_options: dict | None = None) -> None:
     probe, base = fsspec.core.url_to_fs(root, **probe_options)
     probe.retries = 1  # s3fs's own retry loop, on top of botocore's
     bucket = base.split("/", 1)[0]
-    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url") or \
-        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+    endpoint = s3_endpoint(options)
     where = f"storage.root {root}"
     try:
         probe.call_s3("head_bucket", Bucket=bucket)
@@ -204,11 +267,9 @@ def check_lengths(tensors: dict[str, torch.Tensor], rows: pa.Table) -> int:
 
 
 def existing_digest(storage: Storage, rel: str) -> str | None:
-    """sha256 of the file at `rel`, or None when there is none (a single read: no separate, cacheable exists())."""
-    try:
-        return sha256(storage.fs.cat_file(storage.path(rel)))
-    except FileNotFoundError:
-        return None
+    """sha256 of the file at `rel`, or None when there is none."""
+    data = storage.read_bytes_or_none(rel)
+    return None if data is None else sha256(data)
 
 
 def index_part(tensors: dict[str, torch.Tensor], rows: pa.Table, shard: int, first_row: int, digest: str) -> pa.Table:
@@ -261,16 +322,16 @@ def write_shards(storage: Storage, name: str, tensors: dict[str, torch.Tensor], 
     """Split tensors along dim 0 into shards of `shard_size` rows (shard k starts at row k * shard_size) and write
     each with write_shard; returns the whole index.
 
-    Index parts left by an earlier, longer run are deleted first, since readers would otherwise take them as part
-    of this set (before any new shard, so an interrupted run reads as incomplete rather than as a stale mix).
+    Shards left by an earlier, longer run are deleted first (`prune_shard_set`), since readers would otherwise take
+    them as part of this set (before any new shard, so an interrupted run reads as incomplete rather than as a stale
+    mix).
     """
     rows = as_table(rows)
     n = check_lengths(tensors, rows)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     n_shards = (n + shard_size - 1) // shard_size
-    for stale in (s for s in index_parts(storage, name) if s >= n_shards):
-        storage.remove(shard_index_name(name, stale))
+    prune_shard_set(storage, name, n_shards)
     parts = []
     for shard in tqdm(range(n_shards), desc=f"write {name}", disable=not progress):
         start = shard * shard_size
@@ -278,6 +339,27 @@ def write_shards(storage: Storage, name: str, tensors: dict[str, torch.Tensor], 
         parts.append(write_shard(storage, name, shard, {k: t[start:stop] for k, t in tensors.items()},
                                  rows.slice(start, stop - start), first_row=start))
     return pa.concat_tables(parts)
+
+
+def prune_shard_set(storage: Storage, name: str, n_shards: int) -> list[str]:
+    """Delete what a set of `n_shards` shards does not hold: shards (and index parts) numbered >= n_shards, left by
+    an earlier run with more shards, and `*.tmp-*` files left by a writer that was killed; returns their paths.
+
+    For a process that writes the whole set (a full stage run): a partial run (`--shards`) beside other writers
+    must not call it, as their files being written are `*.tmp-*` too. The set's folder then holds exactly what an
+    uninterrupted run writes, which is what DVC hashes (its outs keep these files: `persist: true`)."""
+    doomed = [p for p in storage.glob(name, "*") + storage.glob(name, INDEX_DIR, "*")
+              if TMP_MARK in os.path.basename(p)]
+    for path, pattern in ((shard_name(name, 0), SHARD_RE), (shard_index_name(name, 0), PART_RE)):
+        folder = path.rsplit("/", 1)[0]
+        for full in storage.glob(folder, "shard-*"):
+            m = pattern.search(full)
+            if m and int(m.group(1)) >= n_shards:
+                doomed.append(full)
+    for full in doomed:
+        with storage.reaching(full):
+            storage.fs.rm_file(full)
+    return doomed
 
 
 def shard_status(storage: Storage, name: str, shard: int, made_by: str | None = None) -> str | None:
@@ -309,10 +391,9 @@ def index_parts(storage: Storage, name: str) -> list[int]:
     """Sorted ids of the shards that have an index part, i.e. that are completely written.
 
     s3fs caches listings and other processes add parts behind its back, so the cache for name/index (and, by
-    s3fs's invalidate_cache, its parents) is dropped first.
+    s3fs's invalidate_cache, its parents) is dropped first (`Storage.glob`).
     """
-    storage.fs.invalidate_cache(storage.path(name, INDEX_DIR))
-    paths = storage.fs.glob(storage.path(name, INDEX_DIR, "shard-*.parquet"))
+    paths = storage.glob(name, INDEX_DIR, "shard-*.parquet")
     return sorted(int(m.group(1)) for m in map(PART_RE.search, paths) if m)
 
 

@@ -18,6 +18,8 @@ Steps:
 Classifier-free guidance follows the pipeline: `v = v_u + w (v_c - v_u)`, both branches in one batched
 transformer call with the unconditional half first; w = 1 runs the conditional branch only (the pipeline also
 skips CFG for w < 1, where this module interpolates; for w >= 1 the loop reproduces the pipeline bit for bit).
+A guidance-distilled backbone (FLUX.1-dev) takes w as an input instead: one pass on the prompt, `guidance = w`
+(FluxPipeline's `guidance_scale`); its `Conditioning.uncond` is encoded but unused.
 
 A `guidance` callable (see `stitchvm.guidance.dps`) owns the velocity at the steps it guides, so that the
 reward/value gradient can share the CFG forward pass instead of adding one:
@@ -92,6 +94,7 @@ def timesteps(backbone: Backbone, steps: int, image_seq_len: int | None = None) 
         kwargs["mu"] = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256),
                                        cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
                                        cfg.get("max_shift", 1.16))
+    kwargs.update(backbone.family.schedule_kwargs(steps))  # FLUX's pipeline passes its own unshifted σ grid
     scheduler.set_timesteps(steps, device="cpu", **kwargs)
     return scheduler.sigmas.clone()
 
@@ -149,6 +152,8 @@ def cfg_velocity(backbone: Backbone, z: torch.Tensor, t: torch.Tensor, cond: Emb
     Differentiable when the caller enables grad (DPS-Tweedie); t is (B,) σ in [0, 1].
     """
     scale = check_scale(scale, "guidance_scale (classifier-free guidance)")
+    if backbone.family.distilled:  # FLUX.1-dev: the scale is an input of the one pass (no unconditional branch)
+        return backbone.velocity(z, t, *cond, guidance=scale)
     if scale == 1:
         return backbone.velocity(z, t, *cond)
     v = backbone.velocity(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond[0], cond[0]]),

@@ -10,6 +10,9 @@ The Euler step `z' = z + (σ' - σ) u` with σ' < σ moves z by `(σ - σ') c_t 
   (value, backward through i blocks only) and, detached, the remaining blocks of the unconditional branch
   (no autograd). The conditional branch runs as usual under no_grad. A head on the prompt branch
   (`context="prompt"`) shares the conditional branch instead, with the sampler's own prompt embeddings.
+  A guidance-distilled backbone (FLUX.1-dev) has no CFG pair: the step is one pass on the prompt with the scale
+  embedded, so the head that shares it is a prompt head at the sampler's scale (the i blocks run with autograd inside
+  that pass, nothing extra); an empty-prompt head there costs i extra blocks (it reads a branch nobody else runs).
 
 Guidance scale per step: c_t = scale · schedule(σ) (schedule None: constant). Where c_t = 0 the step is not
 guided at all: it is exactly the unguided CFG step and costs nothing extra.
@@ -106,38 +109,36 @@ def check_compatible(value_model: StitchedValueModel, backbone: Backbone) -> Non
 
 def shared_branch(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor, t: torch.Tensor,
                   conditioning: Conditioning, finish: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pass of the CFG branch the value head reads (unconditional for an empty-prompt head, the conditional one with the
-    sampler's own prompt embeddings for a prompt head): ((B, N, D) tokens u_{≤i}, (B, C, H, W) that branch's velocity).
+    """One pass of the branch the value head reads (unconditional for an empty-prompt head, the conditional one with
+    the sampler's own prompt embeddings for a prompt head; on a guidance-distilled backbone, at the sampler's embedded
+    guidance scale): ((B, N, D) tokens u_{≤i}, (B, C, H, W) that branch's velocity).
 
     Blocks 1..i run under the caller's grad mode (the tokens carry the autograd graph to z when z requires grad),
     with the value head's own modules, exactly BackboneHead's math; blocks i+1..L, norm_out, proj_out and unpatchify
-    run on the detached tokens without autograd, as the transformer does (`finish=False` skips them and returns None
-    for the velocity, when CFG does not need this branch's velocity).
+    run on the detached stream without autograd, as the transformer does (`finish=False` skips them and returns None
+    for the velocity, when the step does not need this branch's velocity).
     """
     check_compatible(value_model, backbone)
-    head, tr = value_model.head, backbone.transformer
-    b = z.shape[0]
-    ctx, pooled = head.conditioning(b, cond=conditioning.cond if head.context == "prompt" else None)
-    h = head.pos_embed(z.to(head.dtype)).contiguous()  # (B, N, D), as BackboneHead.forward
-    temb = head.time_text_embed(t * 1000, pooled)  # (B, D)
-    for block in head.blocks:
-        ctx, h = block(h, ctx, temb)
+    head, family = value_model.head, backbone.family
+    ctx, pooled = head.conditioning(z.shape[0], cond=conditioning.cond if head.context == "prompt" else None)
+    guidance = conditioning.scale if family.distilled else None
+    stream = head.run(z, t, ctx, pooled, guidance)  # as BackboneHead.forward
     if not finish:
-        return h, None
+        return stream.h, None
     with torch.no_grad():
-        hu, cu, tu = h.detach(), None if ctx is None else ctx.detach(), temb.detach()
-        for block in tr.transformer_blocks[len(head.blocks):]:
-            cu, hu = block(hu, cu, tu)
-        hu = tr.proj_out(tr.norm_out(hu, tu))
-        p, (hh, ww) = tr.config.patch_size, z.shape[-2:]
-        hu = hu.reshape(b, hh // p, ww // p, p, p, tr.out_channels)
-        v = torch.einsum("nhwpqc->nchpwq", hu).reshape(b, tr.out_channels, hh, ww)
-    return h, v
+        h, ctx = stream.h.detach(), None if stream.ctx is None else stream.ctx.detach()
+        temb = stream.temb.detach()
+        for block in family.blocks[len(head.blocks):]:
+            ctx, h = family.run_block(block, h, ctx, temb, stream.rotary)
+        v = family.output(h, temb, tuple(z.shape[-2:]))
+    return stream.h, v
 
 
 def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor,
                             t: torch.Tensor, conditioning: Conditioning) -> ValueGrad:
-    """∇_{z_t} V(z_t) through i blocks + stitch + tail, sharing the head's CFG branch (module docstring)."""
+    """∇_{z_t} V(z_t) through i blocks + stitch + tail, sharing the head's branch (module docstring)."""
+    if backbone.family.distilled:
+        return _distilled_value_and_grad(value_model, backbone, z, t, conditioning)
     w, prompt_head = conditioning.scale, value_model.context == "prompt"
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
@@ -151,6 +152,24 @@ def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone,
         else:
             v_u, v_c = v_shared, backbone.velocity(z, t, *conditioning.cond) if w != 0 else None
         v = v_u if w == 0 else v_c if w == 1 else v_u + w * (v_c - v_u)
+    return ValueGrad(v, value.detach(), grad)
+
+
+def _distilled_value_and_grad(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor,
+                              t: torch.Tensor, conditioning: Conditioning) -> ValueGrad:
+    """A guidance-distilled backbone (FLUX.1-dev) steps with one pass, on the prompt at the embedded scale w. A prompt
+    head reads exactly that pass and shares it (i blocks with autograd, the rest without: no extra forward). An
+    empty-prompt head reads a branch the sampler never runs: its i blocks are an extra forward on top of the full
+    prompt pass."""
+    prompt_head = value_model.context == "prompt"
+    with torch.enable_grad():
+        z_in = z.detach().requires_grad_(True)
+        tokens, v = shared_branch(value_model, backbone, z_in, t, conditioning, finish=prompt_head)
+        value = value_model.value_from_head(tokens, tuple(z.shape[-2:]), conditioning.prompts)
+        (grad,) = torch.autograd.grad(value.sum(), z_in)
+    if not prompt_head:
+        with torch.no_grad():
+            v = backbone.velocity(z, t, *conditioning.cond, guidance=conditioning.scale)
     return ValueGrad(v, value.detach(), grad)
 
 

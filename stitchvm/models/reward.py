@@ -3,7 +3,9 @@
 Block indices are 1-based as in METHOD.md: `tokens_entering(x, j)` is r_{<j} (the tokens that enter block j) and
 `RewardTail(j)` is r_{≥j} (blocks j..L, final norm, projection). HF CLIP vision runs embeddings → pre_layrnorm →
 layers → post_layernorm(h[:, 0]) → visual_projection, so for j = 1 the tail owns `pre_layrnorm`.
-Preprocessing is done in torch so the reward is differentiable with respect to the pixels.
+Preprocessing is done in torch so the reward is differentiable with respect to the pixels. open_clip checkpoints
+(HPSv2, DFN-CLIP: `open_clip:<arch>@<weights>`) are converted to CLIPModel by stitchvm/models/open_clip_reward.py and
+split here like any other.
 
 The reward API, the one place that knows the reward kinds (clip: the prompt's text embedding enters the score;
 aesthetic: a scalar head on the image embedding, the prompt is ignored):
@@ -30,6 +32,7 @@ from stitchvm.models.presets import REWARD_PRESETS, is_preset, lookup
 from stitchvm.models.tokenizers import tiny_clip_tokenizer
 from stitchvm.models.world_source import check_world_source, is_world, world_path
 from stitchvm.models.sources import loading
+from stitchvm.models.open_clip_reward import build_open_clip, build_open_clip_preset, is_open_clip, openai_tokenizer
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -218,7 +221,11 @@ def true_reward(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, prompt
 def build_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> ClipReward:
     """The one factory for reward models (see `RewardSpec`)."""
     dtype = DTYPES[spec.dtype]
-    if is_preset(spec.source):
+    if is_preset(spec.source) and "open_clip" in lookup(REWARD_PRESETS, spec.source, "reward"):
+        clip = build_open_clip_preset(REWARD_PRESETS[spec.source], spec.seed, device)
+        tokenizer = tiny_clip_tokenizer() if spec.source.startswith("tiny:") else openai_tokenizer()
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    elif is_preset(spec.source):
         cfg = lookup(REWARD_PRESETS, spec.source, "reward")
         with seeded(spec.seed), torch.device(device):
             clip = CLIPModel(CLIPConfig(text_config=cfg["text_config"], vision_config=cfg["vision_config"],
@@ -227,15 +234,39 @@ def build_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> ClipRe
                 fan_in_init_(clip)
         tokenizer = tiny_clip_tokenizer()
         mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    elif is_open_clip(spec.source):
+        with loading("reward.source", spec.source):
+            clip, tokenizer = build_open_clip(spec.source, dtype, device)
+        # open_clip 3.3.0's preprocess configs of HPSv2 (ViT-H-14) and DFN5B: OpenAI's mean/std, bicubic; DFN5B
+        # squashes to S×S where `preprocess` crops the shorter side: the same for the square images a sampler makes
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     else:
         source = _world_clip(spec.source) if is_world(spec.source) else spec.source
         with loading("reward.source", spec.source):  # a missing repo or folder part: one line, not a paragraph
             clip = CLIPModel.from_pretrained(source, dtype=dtype).to(device)
-            tokenizer = CLIPTokenizer.from_pretrained(source)
+            tokenizer = _clip_tokenizer(source, clip.config.text_config.vocab_size)
         mean, std = _image_normalisation(source)
     # the aesthetic head stays float32 (ClipReward._head); the CLIP takes reward.dtype
     head = _build_head(spec, clip.config.projection_dim, device) if spec.kind == "aesthetic" else None
     return ClipReward(spec, clip.to(dtype), tokenizer, head, mean, std).to(device)
+
+
+def _clip_tokenizer(source, vocab_size: int) -> CLIPTokenizer:
+    """The checkpoint's own tokenizer, or OpenAI's BPE where it ships none and the model has OpenAI's 49408 ids:
+    PickScore_v1 (yuvalkirstain/PickScore_v1) holds only the model; its authors load the processor of
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K, whose tokenizer is OpenAI's BPE (end-of-text as padding, 77 tokens).
+    transformers 5 loads a folder without tokenizer files as an empty tokenizer instead of failing, so a tokenizer
+    whose size is not the model's vocabulary counts as none."""
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    if tokenizer is not None and len(tokenizer) == vocab_size:
+        return tokenizer
+    if vocab_size == 49408:
+        return openai_tokenizer()
+    raise ValueError(f"reward.source {str(source)!r}: no tokenizer for its {vocab_size}-token text model (the "
+                     f"checkpoint has {'none' if tokenizer is None else f'one of {len(tokenizer)} tokens'})")
 
 
 def _world_clip(source: str) -> Path:
@@ -271,3 +302,33 @@ def _image_normalisation(source: str):
         data = json.loads(cfg.read_text())
         return tuple(data.get("image_mean", OPENAI_CLIP_MEAN)), tuple(data.get("image_std", OPENAI_CLIP_STD))
     return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+class RewardSum(nn.Module):
+    """Σ_k w_k r_k(x, prompt): a multi-reward objective (the paper aligns with DFN-CLIP + HPSv2) as a true reward.
+
+    It offers `score_pixels`, what the true reward's consumers call (`score_latents`, `true_reward`: alignment, the
+    policy evaluation, DPS-Tweedie); its value model is the weighted sum of one stitched value model per term
+    (stitchvm/value/value_sum.py says why). Each term keeps its own scale (logit_scale · cosine with each
+    checkpoint's own logit_scale; HPSv2 publishes the plain cosine), so `weights` set the trade-off.
+    """
+
+    def __init__(self, terms: list[ClipReward], weights: list[float]):
+        super().__init__()
+        if not terms or len(terms) != len(weights):
+            raise ValueError(f"a reward sum needs one weight per term: {len(terms)} terms, {len(weights)} weights")
+        self.terms, self.weights = nn.ModuleList(terms), [float(w) for w in weights]
+        self.requires_grad_(False).eval()
+
+    @property
+    def reads_prompt(self) -> bool:
+        return any(r.reads_prompt for r in self.terms)
+
+    def score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(B,) Σ_k w_k r_k of (B, 3, H, W) pixels in [-1, 1]; differentiable in the pixels."""
+        return sum(w * r.score_pixels(pixels, prompts) for w, r in zip(self.weights, self.terms))
+
+
+def build_reward_sum(specs: list[RewardSpec], weights: list[float], device: str | torch.device = "cpu") -> RewardSum:
+    """A `RewardSum` of rewards built by `build_reward` (e.g. DFN-CLIP and HPSv2 through their open_clip sources)."""
+    return RewardSum([build_reward(s, device) for s in specs], weights)

@@ -11,16 +11,26 @@ the adapter's folder) and the MLflow run go to the run record `reports/runs/alig
 per-update metrics (`align/eval_reward`, `align/wall_s`, `align/sampling_s`, `align/reward_s`, `align/update_s`, loss
 terms), the PNGs, the adapter folder, and a registered version of `<mlflow.registered_model>-adapter` (alias
 `candidate`).
+
+Data parallel under torchrun (`torchrun --nproc-per-node=N -m stitchvm align`): the ranks split each update's rollouts
+(stitchvm/alignment/trainer.py) and rank 0 alone evaluates and writes every output. Every update is checkpointed under
+`checkpoints/align-<hash of params and inputs>/`, so a killed or failed run (or torchrun's restart) continues where it
+stopped, to the outputs an uninterrupted run writes; the checkpoints go once the outputs are written. Each output is
+written under a temporary name and renamed, so none exists half-written under its final name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from stitchvm import distributed
 from stitchvm.stages import plots
 from stitchvm.alignment.trainer import PolicyEvalSet
 from stitchvm.config import AlignConfig, Params, to_dict
@@ -31,7 +41,7 @@ from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.run_record import RUNS, repo_relative, split_fields, split_rows, write_record
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.geneval import curve_geneval
-from stitchvm.stages.upstream import prompt_specs, prompts_in_split, read_prompts, value_model_dir
+from stitchvm.stages.upstream import PROMPTS, prompt_specs, prompts_in_split, read_prompts, value_model_dir
 
 ADAPTER, SUMMARY = "adapter", "align/summary.json"
 # the summary's fields that depend on the run (clock, machine, MLflow store): the run record's, not DVC's
@@ -54,32 +64,65 @@ def eval_adapter(cfg: AlignConfig) -> str:
     return "ema" if cfg.method.startswith("nft") and cfg.nft.eval_ema else TRAINED
 
 
+def checkpoint_dir(params: Params, paths: Paths, inputs: str) -> Path:
+    """Checkpoints keyed by everything that shapes the run (params but `evaluate` and `mlflow`, the root, `inputs`: a
+    fingerprint of the prompts and value model read), so a resume never mixes two configurations or two data sets."""
+    shaping = {k: v for k, v in to_dict(params).items() if k not in ("evaluate", "mlflow")}
+    key = json.dumps([shaping, paths.root, inputs], sort_keys=True)
+    return paths.checkpoints / f"align-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def inputs_fingerprint(storage, value_dir: Path | None) -> str:
+    """sha256 of the prompts table and, for the StitchVM methods, of the value model's files."""
+    digest = hashlib.sha256(storage.read_bytes(PROMPTS))
+    for f in sorted(value_dir.iterdir()) if value_dir is not None else []:
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a sibling temporary file and rename it onto `path`: a kill leaves the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def train_adapter(params: Params, backbone, reward, train_prompts: list[str], evalset: PolicyEvalSet | None,
-                  value_model: StitchedValueModel | None, progress: bool = False, callback=None):
-    """Build the LoRA policy and run `params.align.method`; returns (policy, history)."""
+                  value_model: StitchedValueModel | None, progress: bool = False, callback=None,
+                  checkpoint_dir: Path | None = None):
+    """Build the LoRA policy and run `params.align.method` (resuming from `checkpoint_dir`); returns (policy,
+    history)."""
     cfg = params.align
     nft = cfg.method.startswith("nft")
     policy = LoraPolicy(backbone, cfg.lora_rank, cfg.lora_alpha, adapters=NFT_ADAPTERS if nft else (TRAINED,),
                         seed=params.seed)
     train = train_nft if nft else train_draft
     history = train(policy, reward, train_prompts, cfg, params.seed, value_model=value_model, evalset=evalset,
-                    callback=callback, progress=progress)
+                    callback=callback, progress=progress, checkpoint_dir=checkpoint_dir)
     return policy, history
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     cfg = params.align
     start = time.perf_counter()
+    distributed.init_from_env()  # under torchrun: join the group before the models land on this rank's device
     storage = paths.storage()
     backbone, reward = models(params)
     train_prompts, eval_prompts = split_prompts(read_prompts(storage), cfg)
-    value_model = None
+    value_model, value_dir = None, None
     if cfg.method.endswith("stitchvm"):
-        value_model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
+        value_dir = value_model_dir(storage)
+        value_model = StitchedValueModel.from_pretrained(value_dir, backbone=backbone, reward=reward,
                                                          device=backbone.device).eval()
     evalset = PolicyEvalSet(tuple(eval_prompts), tuple(cfg.eval_seeds), cfg.eval_steps or cfg.steps,
                       cfg.eval_guidance_scale)
-    policy, history = train_adapter(params, backbone, reward, train_prompts, evalset, value_model, progress)
+    ckpt = checkpoint_dir(params, paths, inputs_fingerprint(storage, value_dir))
+    policy, history = train_adapter(params, backbone, reward, train_prompts, evalset, value_model, progress,
+                                    checkpoint_dir=ckpt)
+    if not distributed.is_main():  # rank 0 evaluated, and writes every output
+        return {"method": cfg.method, "updates": cfg.updates, "rank": distributed.rank(),
+                "seconds": round(time.perf_counter() - start, 3)}
     adapter = eval_adapter(cfg)
     # the trainers evaluate the untrained adapter (the base model: LoRA starts at zero) first and `adapter` last
     (rewards_before, z_before), (rewards_after, z_after) = evalset.results[0], evalset.results[-1]
@@ -123,13 +166,13 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                                                                               "align_grid.png": grid}))
     report, record = split_fields(summary, RUN_FIELDS)
     report["curve"], record["curve"] = split_rows(summary["curve"], ("wall_s",), key=("step",))
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    (paths.reports / "align_curve.png").write_bytes(curve)
-    (paths.reports / "align_grid.png").write_bytes(grid)
-    (paths.reports / "align.json").write_text(json.dumps(report, indent=2))
+    write_atomic(paths.reports / "align_curve.png", curve)
+    write_atomic(paths.reports / "align_grid.png", grid)
+    write_atomic(paths.reports / "align.json", json.dumps(report, indent=2).encode())
     storage.write_json(SUMMARY, report)
     write_record(paths.reports, "align", record)
-    (paths.reports / CURVE_WALL).write_bytes(curve_wall)
+    write_atomic(paths.reports / CURVE_WALL, curve_wall)
+    shutil.rmtree(ckpt, ignore_errors=True)  # checkpoints serve crash-resume only; a finished run starts afresh
     return summary
 
 

@@ -3,6 +3,7 @@ the shipped world (stitchvm/world/pretrained/), a JSON summary and plot under re
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -14,6 +15,7 @@ import torch
 
 from stitchvm.stages import plots
 from stitchvm.config import Params, to_dict
+from stitchvm.data.storage import open_root
 from stitchvm.models.world_source import world_dir
 from stitchvm.stages.runtime import Paths
 
@@ -28,19 +30,36 @@ def scene_stream(params: Params, stage: str) -> torch.Generator:
 
 @contextmanager
 def install(part: str) -> Iterator[Path]:
-    """Yield a temporary path to write `part` to; on success it replaces world_dir()/part in one rename, so a failed
-    or interrupted run leaves the previous world intact."""
+    """Yield a temporary path to write `part` to; on success it replaces world_dir()/part by renames only, so a
+    failed or interrupted run leaves the previous world intact.
+
+    The staging folder `.<part>-*` sits beside the part (same filesystem: renames). A file part is replaced in one
+    atomic rename; a folder part in two (the old one into the staging folder, the new one into place), nothing
+    removed in between. A staging folder left by a killed run is removed by the next install, which first puts the
+    previous part back if the kill fell between those two renames."""
     root = world_dir()
     root.mkdir(parents=True, exist_ok=True)
+    restore_killed_installs(root, part)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{part}-") as tmp:
         staged = Path(tmp) / part
         yield staged
         dest = root / part
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        elif dest.exists():
-            dest.unlink()
-        staged.rename(dest)
+        if dest.is_dir() and not dest.is_symlink():
+            dest.rename(Path(tmp) / PREVIOUS)  # removed with the staging folder
+        os.replace(staged, dest)
+
+
+PREVIOUS = "previous"  # in a staging folder: the part being replaced, between install's two renames
+
+
+def restore_killed_installs(root: Path, part: str) -> None:
+    """Remove the staging folders of `part` that killed installs left in `root`; a part found only in one (killed
+    between install's two renames) goes back into place first."""
+    for stale in sorted(root.glob(f".{part}-*")):
+        previous = stale / PREVIOUS
+        if previous.exists() and not (root / part).exists():
+            previous.rename(root / part)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def weight_bytes(path: Path) -> int:
@@ -67,12 +86,12 @@ def finish(stage: str, params: Params, paths: Paths, recipe, history: list[dict]
     """Write reports/<stage>.json and <stage>_curve.png, log an MLflow run (when tracking) and return the summary."""
     history = flat_history(history)
     curve = plots.training_curve(history, keys=curve_keys, title=f"{stage}: training loss")
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    (paths.reports / f"{stage}_curve.png").write_bytes(curve)
+    reports = open_root(str(paths.reports))  # temporary name + rename: a kill never leaves half a report
+    reports.write_bytes_atomic(f"{stage}_curve.png", curve)
     summary = {**summary, "curve": str(paths.reports / f"{stage}_curve.png")}
     if paths.track:
         summary["run_id"] = track(stage, params, recipe, history, summary, curve)
-    (paths.reports / f"{stage}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    reports.write_bytes_atomic(f"{stage}.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 

@@ -18,15 +18,17 @@ import torch
 from stitchvm.stages import plots
 from stitchvm.config import Params
 from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model
+from stitchvm.value.training import TeacherTargets
 from stitchvm.value.monte_carlo import monte_carlo_value
-from stitchvm.data.storage import read_shards
+from stitchvm.data.storage import read_index
+from stitchvm.data.shard_dataset import ShardRows, gather_rows
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.geneval import judge_latents
 from stitchvm.stages.run_record import split_fields, split_rows, write_record
 from stitchvm.stages.runtime import Paths, models, needs
 from stitchvm.world.prompt_set import CATEGORIES
-from stitchvm.stages.upstream import (EVAL, prompt_specs, prompts_in_split, read_prompts, read_split,
-                                      read_train_run, value_model_dir)
+from stitchvm.stages.upstream import (EVAL, prompt_specs, prompts_in_split, read_prompts, read_train_run,
+                                      stream_split, value_model_dir)
 
 TIMED = ("ms_per_eval", "peak_mem_mb")  # the evaluation rows' measurements: the run record's, keyed by (sigma, method)
 
@@ -117,8 +119,11 @@ def geneval(params: Params, backbone, z0: torch.Tensor, sample_prompts: list[str
 
 def eval_inputs(params: Params, storage) -> tuple[NoisyEvalSet, dict, object, list[str], object]:
     """What every evaluation of a value model reads: the test set (clean latents, prompt ids, prompts, categories),
-    its stored noisy versions {σ: z_σ}, the teacher on the clean latents, each sample's prompt and the prompt table."""
-    z0, index, teacher, _ = read_split(storage, params, "test", labels=True)
+    its stored noisy versions {σ: z_σ}, the teacher on the clean latents, each sample's prompt and the prompt table.
+    The test rows are read shard by shard (`gather_rows`): never the other splits' rows, nor a whole set at once."""
+    rows, index = stream_split(storage, params, "test", labels=True)
+    test = gather_rows(rows)  # {"latents": (N, C, H, W), "embeds": (N, E), "tokens": (N, 1+P, D)[, "score": (N,)]}
+    z0, teacher = test["latents"], TeacherTargets(test["embeds"], test["tokens"], test.get("score"))
     table = read_prompts(storage)
     test_prompts = prompts_in_split(table, "test")
     category = dict(zip(table.column("prompt").to_pylist(), table.column("category").to_pylist())) \
@@ -127,9 +132,11 @@ def eval_inputs(params: Params, storage) -> tuple[NoisyEvalSet, dict, object, li
     sample_prompts = index.column("prompt").to_pylist()
     data = NoisyEvalSet(z0, torch.tensor([position[p] for p in sample_prompts]), test_prompts,
                         None if category is None else [category[p] for p in test_prompts])
-    noisy_t, noisy_index = read_shards(storage, EVAL, progress=False, hint=needs("noisy"))
+    noisy_index = read_index(storage, EVAL, hint=needs("noisy"))
     sigmas = noisy_index.column("sigma").to_pylist()
-    noisy = {s: noisy_t["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])] for s in dict.fromkeys(sigmas)}
+    noisy = {s: gather_rows(ShardRows(storage, {EVAL: (noisy_index, ["z_t"])},
+                                      [k for k, x in enumerate(sigmas) if x == s]))["z_t"]
+             for s in dict.fromkeys(sigmas)}  # σ by σ: the set is never held twice
     return data, noisy, teacher, sample_prompts, table
 
 

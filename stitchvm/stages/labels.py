@@ -13,7 +13,7 @@ from stitchvm.progress import tqdm
 from stitchvm import distributed
 from stitchvm.config import Params, to_dict
 from stitchvm.value.training import teacher_targets
-from stitchvm.data.storage import fingerprint, read_shards, shard_index_name, write_shard
+from stitchvm.data.storage import fingerprint, prune_shard_set, read_shards, shard_index_name, write_shard
 from stitchvm.stages.runtime import Paths, models, needs
 from stitchvm.stages.samples import sample_rows
 from stitchvm.stages.upstream import LABELS, SAMPLES, must_write, num_shards, read_prompts, shards_to_run
@@ -42,6 +42,8 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
                     index.column("row")[0].as_py(), fp)
         written.append(shard)
     written, rewritten = distributed.gather_share(todo, written, rewritten)  # every rank's shards, all finished
+    if shards is None and distributed.is_main():  # the whole set, every writer done: drop what it does not hold
+        prune_shard_set(storage, LABELS, num_shards(params))  # (a killed writer's *.tmp-*, shards of a longer run)
     return {"path": storage.path(LABELS), "shards": num_shards(params), "written": written, "rewritten": rewritten}
 
 

@@ -19,7 +19,7 @@ from stitchvm.models.backbone import Backbone
 from stitchvm.config import Params, to_dict
 from stitchvm.data.image_folder import images_by_text, load_image
 from stitchvm.data.latent_fields import smooth_latents
-from stitchvm.data.storage import fingerprint, write_shard
+from stitchvm.data.storage import fingerprint, prune_shard_set, write_shard
 from stitchvm.diffusion.sampling import sample
 from stitchvm.stages.runtime import Paths, models
 from stitchvm.stages.upstream import SAMPLES, must_write, num_shards, read_prompts, shards_to_run
@@ -87,6 +87,8 @@ def run(params: Params, paths: Paths, shards: list[int] | None = None, progress:
         write_shard(storage, SAMPLES, shard, {"latents": generate(backbone, part, params)}, part, shard * size, fp)
         written.append(shard)
     written, rewritten = distributed.gather_share(todo, written, rewritten)  # every rank's shards, all finished
+    if shards is None and distributed.is_main():  # the whole set, every writer done: drop what it does not hold
+        prune_shard_set(storage, SAMPLES, num_shards(params))  # (a killed writer's *.tmp-*, shards of a longer run)
     return {"path": storage.path(SAMPLES), "rows": rows.num_rows, "shards": num_shards(params), "written": written,
             "rewritten": rewritten}
 

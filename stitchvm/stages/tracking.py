@@ -126,7 +126,6 @@ def _float32(a: np.ndarray, key: str) -> np.ndarray:
 def check_latent_grid(model: StitchedValueModel, shape: tuple[int, ...]) -> None:
     """Latents the backbone head can read: its channels, and its fixed latent grid where it has one, else a grid
     divisible by its patch size and within its position-embedding table."""
-    embed = model.head.pos_embed
     c, (h, w) = shape[1], shape[2:]
     if c != latent_channels(model):
         raise ValueError(f"input 'latents' must have {latent_channels(model)} channels (B, C, H, W), got shape "
@@ -135,16 +134,15 @@ def check_latent_grid(model: StitchedValueModel, shape: tuple[int, ...]) -> None
     if fixed is not None and (h, w) != fixed:
         raise ValueError(f"input 'latents' must be (B, {c}, {fixed[0]}, {fixed[1]}) (the backbone's latent grid), "
                          f"got shape {tuple(shape)}")
-    p, most = embed.patch_size, (embed.pos_embed_max_size or 0) * embed.patch_size
+    p, most = model.head.patch_size, model.head.max_latent_side or 0
     if h % p or w % p or (most and (h > most or w > most)):
         raise ValueError(f"input 'latents' must have H and W divisible by {p}" + (f" and at most {most}" if most else "")
                          + f" (the backbone's latent grid), got shape {tuple(shape)}")
 
 
 def native_latent_grid(model: StitchedValueModel) -> tuple[int, int]:
-    """(H, W) of the latents the backbone was built for (its transformer's sample_size)."""
-    embed = model.head.pos_embed
-    return embed.height * embed.patch_size, embed.width * embed.patch_size
+    """(H, W) of the latents the backbone was built for (its default image size over the VAE's scale)."""
+    return model.head.native_latent_hw
 
 
 def fixed_latent_grid(model: StitchedValueModel) -> tuple[int, int] | None:
@@ -155,8 +153,7 @@ def fixed_latent_grid(model: StitchedValueModel) -> tuple[int, int] | None:
     read a crop of positions the model never saw at that size and a larger one fails inside the transformer, so the
     native grid is the model's only grid. Real SD3 tables are larger than their native grid (several resolutions).
     """
-    embed, native = model.head.pos_embed, native_latent_grid(model)
-    most = (embed.pos_embed_max_size or 0) * embed.patch_size
+    native, most = native_latent_grid(model), model.head.max_latent_side or 0
     return native if most and native == (most, most) else None
 
 
@@ -189,8 +186,8 @@ def value_model_signature(latent_shape: tuple[int, int, int]) -> ModelSignature:
 
 
 def latent_channels(model: StitchedValueModel) -> int:
-    """Channels of the latents the backbone head reads (the in-channels of its patch embedding)."""
-    return model.head.pos_embed.proj.in_channels
+    """Channels of the latents the backbone head reads (the VAE's latent channels)."""
+    return model.head.latent_channels
 
 
 def pip_requirements() -> list[str]:

@@ -2,7 +2,11 @@
 
 Writes `value_model/`, `train/curve.png` and `train/summary.json` (steps, first and final loss, the pair: nothing that
 differs between two identical runs); the run's wall time, throughput, where the model went and its MLflow run and
-registered version go to the run record `reports/runs/train.json` (stitchvm/stages/run_record.py). Returns both."""
+registered version go to the run record `reports/runs/train.json` (stitchvm/stages/run_record.py). Returns both.
+
+A killed run resumes from its last checkpoint, and its outputs equal an uninterrupted run's: the checkpoint folder
+also keeps the history of the steps before it (the curve and the first loss), and the frozen encoders' prompt caches
+are filled in one fixed order first (an embedding's last bit depends on the prompts it is encoded with)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,17 +16,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from stitchvm import distributed
 from stitchvm.stages import plots
 from stitchvm.config import Params, to_dict
-from stitchvm.value.training import train_value_model
+from stitchvm.data.storage import open_root
+from stitchvm.value.training import Checkpointer, train_value_model
 from stitchvm.value.search import stitched_from_search
 from stitchvm.stages.run_record import repo_relative, split_fields, write_record
 from stitchvm.stages.runtime import Paths, models
-from stitchvm.stages.upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, read_split
+from stitchvm.stages.upstream import SEARCH, TRAIN_SUMMARY, VALUE_MODEL, read_search, stream_split
 
 # the summary's fields that depend on the run (clock, machine, MLflow store): the run record's, not DVC's
 RUN_FIELDS = ("seconds", "samples_per_s", "path", "run_id", "model_version", "tracking_uri")
+HISTORY = "history.jsonl"  # in the checkpoint folder: one row per step done, appended as training goes
 
 
 def checkpoint_dir(params: Params, paths: Paths, inputs: str = "") -> Path:
@@ -31,6 +39,56 @@ def checkpoint_dir(params: Params, paths: Paths, inputs: str = "") -> Path:
     shaping = {k: v for k, v in to_dict(params).items() if k not in ("evaluate", "mlflow")}
     key = json.dumps([shaping, paths.root, inputs], sort_keys=True)
     return paths.checkpoints / f"train-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+@torch.no_grad()
+def encode_prompts_once(model, prompts: list[str]) -> None:
+    """Fill the reward's text cache (and a prompt head's conditioning cache) with every prompt in one batch, in
+    first-seen order: a prompt's embedding varies in its last bit with the batch it is encoded in and the caches keep
+    the first, so filled by training's batches a resumed run (other first batches) would drift from a whole one."""
+    unique = list(dict.fromkeys(prompts))
+    model.reward.prompt_embeds(unique)
+    if model.context == "prompt":
+        model.head.encode(unique)
+
+
+def resumed_history(ckpt: Path) -> list[dict]:
+    """The history of the steps the checkpoint in `ckpt` holds (the run continues after them; [] without one).
+
+    The checkpoint is saved just before its step's row is appended, so a kill in between leaves a checkpoint
+    without its last row: it is removed, and the run starts afresh rather than with a hole in its history."""
+    last = Checkpointer(ckpt).latest()
+    if last is None:
+        return []
+    step = json.loads((last / "step.json").read_text())["step"]
+    rows = [r for r in read_history(ckpt / HISTORY) if r["step"] <= step]
+    if [r["step"] for r in rows] != list(range(1, step + 1)):
+        shutil.rmtree(ckpt)
+        return []
+    open_root(str(ckpt)).write_bytes_atomic(HISTORY, "".join(json.dumps(r) + "\n" for r in rows).encode())  # the
+    # rows after the checkpoint (and a line cut short) go: the resumed run appends those steps again
+    return rows
+
+
+def read_history(path: Path) -> list[dict]:
+    """The rows of a history file; a last line cut short by a kill is not a row."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def history_log(ckpt: Path):
+    """`on_step` for train_value_model: append each step's row to `ckpt/history.jsonl` (rank 0)."""
+    def append(row: dict) -> None:
+        if distributed.is_main():
+            ckpt.mkdir(parents=True, exist_ok=True)
+            with open(ckpt / HISTORY, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return append
 
 
 def flat_params(params: Params) -> dict:
@@ -45,14 +103,18 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     distributed.init_from_env()  # under torchrun: join the group before the models land on this rank's device
     storage = paths.storage()
     backbone, reward = models(params)
-    z0, index, targets, _ = read_split(storage, params, "train", labels=True)
+    rows, index = stream_split(storage, params, "train", labels=True)  # shards are read as batches need them
     model = stitched_from_search(backbone, reward, read_search(storage))
     start = time.perf_counter()
     inputs = hashlib.sha256(storage.read_bytes(f"{SEARCH}/init.safetensors")
                             + storage.read_bytes(f"{SEARCH}/result.json")).hexdigest()
     ckpt = checkpoint_dir(params, paths, inputs)
-    history = train_value_model(model, z0, targets, params.train, params.seed, ckpt, progress,
-                       prompts=index.column("prompt").to_pylist())
+    prompts = index.column("prompt").to_pylist()
+    encode_prompts_once(model, prompts)
+    done = resumed_history(ckpt) if distributed.is_main() else []  # rank 0 alone writes the summary and curve
+    history = done + train_value_model(model, rows, None, params.train, params.seed, ckpt, progress,
+                                       on_step=history_log(ckpt), prompts=prompts,
+                                       num_workers=params.train.num_workers)
     seconds = time.perf_counter() - start
     if not distributed.is_main():  # rank 0 writes the model, the curve, the summary, the run record and MLflow
         return {"steps": params.train.steps, "seconds": round(seconds, 3), "rank": distributed.rank()}

@@ -14,7 +14,8 @@ from safetensors.torch import load as load_safetensors
 from stitchvm.config import Params
 from stitchvm.value.training import TeacherTargets
 from stitchvm.value.search import SearchResult
-from stitchvm.data.storage import NOT_WRITTEN, Storage, read_shards, shard_status
+from stitchvm.data.storage import NOT_WRITTEN, Storage, read_index, read_shards, shard_status
+from stitchvm.data.shard_dataset import ShardRows
 from stitchvm.stages.runtime import needs
 from stitchvm.stages.run_record import read_record, record_path
 
@@ -95,6 +96,25 @@ def read_split(storage: Storage, params: Params, split: str, labels: bool = Fals
     target = TeacherTargets(lab["embeds"][rows], lab["tokens"][rows],
                             lab["score"][rows] if params.reward.kind == "aesthetic" else None)
     return (*out, target, lab["score"][rows])
+
+
+def stream_split(storage: Storage, params: Params, split: str, labels: bool = False,
+                 cache_shards: int = 4) -> tuple[ShardRows, pa.Table]:
+    """`read_split` without reading the data: the split's rows of `samples` (and `labels`) as a `ShardRows` that reads
+    shards as batches need them ({"latents"[, "embeds", "tokens"[, "score"]]}: the score for a scalar reward only,
+    as in `read_split`'s targets), and the split's index rows. Only the indexes are read here."""
+    n = num_shards(params)
+    index = read_index(storage, SAMPLES, hint=needs("samples"), expected_shards=n)
+    rows = _rows_where(index, "split", [split])
+    if len(rows) == 0:
+        raise ValueError(f"{storage.path(SAMPLES)} has no '{split}' samples (prompts.{split} is 0?)")
+    sets = {SAMPLES: (index, ["latents"])}
+    if labels:
+        lab_index = read_index(storage, LABELS, hint=needs("labels"), expected_shards=n)
+        if lab_index.column("sample_id") != index.column("sample_id"):
+            raise ValueError(f"{storage.path(LABELS)} does not match {storage.path(SAMPLES)}: re-run `labels`")
+        sets[LABELS] = (lab_index, ["embeds", "tokens"] + (["score"] if params.reward.kind == "aesthetic" else []))
+    return ShardRows(storage, sets, rows, cache_shards), index.take(pa.array(rows.tolist()))
 
 
 def samples_for(storage: Storage, params: Params, sample_ids: list[int]) -> tuple[torch.Tensor, list[str]]:

@@ -10,6 +10,7 @@ import json
 from stitchvm.stages import plots
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, Params, RewardSpec
+from stitchvm.data.storage import open_root
 from stitchvm.models.reward import build_reward
 from stitchvm.models.world_source import world_path
 from stitchvm.world.evaluation import generator_accuracy, specs_by_category, world_report
@@ -36,10 +37,11 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     report["generator_accuracy"] = {k: round(v, 4) for k, v in accuracy.items()}
     report["generator_sampler"] = {"steps": params.samples.steps, "guidance_scale": params.samples.guidance_scale,
                                    "per_prompt": cfg.per_prompt, "prompts": len(test)}
-    paths.reports.mkdir(parents=True, exist_ok=True)
+    reports = open_root(str(paths.reports))  # temporary name + rename: a kill never leaves half a report
     grid = paths.reports / "world_samples.png"
     per_sample = [test[k] for k in range(len(test)) for _ in range(cfg.per_prompt)]
-    grid.write_bytes(plots.verdict_grid([r["category"] for r in per_sample], [r["prompt"] for r in per_sample],
-                                        pixels, correct, CATEGORIES))
-    (paths.reports / "world.json").write_text(json.dumps(report, indent=2) + "\n")
+    reports.write_bytes_atomic(grid.name, plots.verdict_grid([r["category"] for r in per_sample],
+                                                             [r["prompt"] for r in per_sample], pixels, correct,
+                                                             CATEGORIES))
+    reports.write_bytes_atomic("world.json", (json.dumps(report, indent=2) + "\n").encode())
     return {**report, "seconds": seconds, "samples": str(grid)}

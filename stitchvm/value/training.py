@@ -14,11 +14,17 @@ r the reward of each embedding for the group's prompt.
 Data parallel under torchrun (`stitchvm.distributed`): the global batch `batch_size` is drawn whole on every rank
 from the seeded generator and split into equal slices of whole groups; the averaged gradients make each step the
 global batch's step, whatever the number of processes.
+
+The rows come through a `torch.utils.data.DataLoader`: `BatchDraws` draws each step's rows, t and ε from the seeded
+generator in the main process, exactly as a loop over tensors in memory would, and the loader fetches the rows, from
+tensors in memory (`TensorRows`) or from the shards on disk through a bounded cache (`ShardRows`,
+stitchvm/data/shard_dataset.py), with `num_workers` workers fetching ahead. The batches, and so the trained weights,
+are the same bit for bit whichever the source and the number of workers.
 """
 from __future__ import annotations
 
 import json
-import shutil
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,11 +32,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, Sampler
 from stitchvm.progress import tqdm
 
-from stitchvm import distributed
+from stitchvm import checkpoint_folder, distributed
 from stitchvm.models.backbone import Backbone, upcast
 from stitchvm.config import TrainConfig
+from stitchvm.data.shard_dataset import TensorRows, as_is
 from stitchvm.lr_schedule import warmup_cosine
 from stitchvm.diffusion.flow import forward_noise, logit_normal
 from stitchvm.models.reward import ClipReward
@@ -124,6 +132,60 @@ def batch_share(cfg: TrainConfig) -> slice:
     return distributed.rank_slice(cfg.batch_size)
 
 
+class BatchDraws(Sampler):
+    """Each step's draws from the run's generator, in the order the training has always made them: the global batch's
+    rows (whole groups of one prompt when `group_size` > 1), then t, then ε; yields this rank's rows (the loader
+    fetches them, possibly ahead, in its workers) and queues this rank's t, ε, the rows and the generator's state
+    after the step's draws in `pending`, which the loop takes in the same order. The state, not the generator (which
+    may have run ahead for prefetching), is what a checkpoint of that step saves."""
+
+    def __init__(self, n: int, latent_shape: tuple[int, ...], cfg: TrainConfig, generator: torch.Generator,
+                 start: int, share: slice, group_of: torch.Tensor | None = None,
+                 members: list[torch.Tensor] | None = None):
+        self.n, self.latent_shape, self.cfg, self.gen, self.start, self.share = n, latent_shape, cfg, generator, \
+            start, share
+        self.group_of, self.members = group_of, members
+        self.pending: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = deque()
+
+    def __len__(self) -> int:
+        return self.cfg.steps - self.start
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,) rows, (B,) t, (B, C, H, W) ε of one global batch."""
+        cfg, gen, g = self.cfg, self.gen, self.cfg.group_size
+        if g > 1:
+            idx = grouped_batch(self.group_of, self.members, cfg.batch_size, g, gen)
+            t = logit_normal(cfg.batch_size // g, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen).repeat_interleave(g)
+            noise = torch.randn((cfg.batch_size // g, *self.latent_shape), generator=gen).repeat_interleave(g, 0)
+        else:
+            idx = torch.randint(self.n, (cfg.batch_size,), generator=gen)
+            t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
+            noise = torch.randn((cfg.batch_size, *self.latent_shape), generator=gen)
+        return idx, t, noise
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            idx, t, noise = self.draw()
+            # every rank draws the whole global batch from the same generator and keeps its slice: the run does not
+            # depend on the number of processes, and the generator's state is the same everywhere (one checkpoint)
+            idx, t, noise = idx[self.share], t[self.share], noise[self.share]  # (B / W,), (B / W,), (B / W, C, H, W)
+            self.pending.append((idx, t, noise, self.gen.get_state()))
+            yield idx.tolist()
+
+
+def row_loader(data: Dataset, draws: BatchDraws, num_workers: int) -> DataLoader:
+    """Batches of rows in `draws`' order; the loader gets its own generator, so creating it leaves torch's global RNG
+    (which a run's other draws may read) as it was."""
+    return DataLoader(data, batch_sampler=draws, num_workers=num_workers, collate_fn=as_is,
+                      generator=torch.Generator(), prefetch_factor=2 if num_workers else None)
+
+
+def generator_at(state: torch.Tensor) -> torch.Generator:
+    gen = torch.Generator()
+    gen.set_state(state)
+    return gen
+
+
 def build_optimizer(model: StitchedValueModel, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, object]:
     """AdamW with the stitching layer at `stitch_lr_mult` × lr; linear warm-up, then cosine decay to 10%."""
     stitch = list(model.stitch.parameters())
@@ -147,25 +209,16 @@ class Checkpointer:
     def save(self, step: int, model, opt, sched, generator: torch.Generator) -> None:
         if self.dir is None or not distributed.is_main():
             return
-        tmp, final, old = self.dir / "last.tmp", self.dir / "last", self.dir / "last.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = checkpoint_folder.fresh_tmp(self.dir)
         save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "generator": generator.get_state()}, tmp / "state.pt")
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        # renames only, so a kill at any instant leaves one complete checkpoint: `last`, or `last.old` just before
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        (tmp / "step.json").write_text(json.dumps({"step": step}))  # the marker, last
+        checkpoint_folder.swap_in(self.dir)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint folder, if any."""
-        if self.dir is None:
-            return None
-        return next((d for d in (self.dir / "last", self.dir / "last.old") if (d / "step.json").is_file()), None)
+        return checkpoint_folder.latest(self.dir, "step.json")
 
     def restore(self, model, opt, sched, generator: torch.Generator) -> int:
         """Load the last checkpoint if there is one; returns the step to continue from (0 if none)."""
@@ -185,18 +238,25 @@ class Checkpointer:
         return step
 
 
-def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: TeacherTargets, cfg: TrainConfig, seed: int,
-             checkpoint_dir: str | Path | None = None, progress: bool = True,
-             on_step: Callable[[dict], None] | None = None, prompts: list[str] | None = None) -> list[dict]:
+def train_value_model(model: StitchedValueModel, z0: torch.Tensor | Dataset, targets: TeacherTargets | None,
+                      cfg: TrainConfig, seed: int, checkpoint_dir: str | Path | None = None, progress: bool = True,
+                      on_step: Callable[[dict], None] | None = None, prompts: list[str] | None = None,
+                      num_workers: int = 0) -> list[dict]:
     """Train `model` for `cfg.steps` steps (resuming from `checkpoint_dir/last` if present); returns the history.
+    The data: `z0` (N, C, H, W) clean latents and their `targets` in memory, or `z0` a row dataset and `targets`
+    None (e.g. `ShardRows` of `samples` and `labels`: rows {"latents", "embeds", "tokens"[, "score"]}, read from the
+    shards as batches need them, by `num_workers` loader workers); both give the same run.
     `prompts` (one per clean latent) feeds a head on the prompt branch (`model.context == "prompt"`).
     Under torchrun each process computes its share of the global batch and the gradients are averaged, so every
     rank holds the same model and history, equal to one process's (up to rounding); rank 0 writes the checkpoints."""
-    if len(z0) != len(targets):
+    if targets is not None and len(z0) != len(targets):
         raise ValueError(f"{len(z0)} clean latents but {len(targets)} teacher targets")
-    if model.context == "prompt" and (prompts is None or len(prompts) != len(z0)):
+    data = z0 if targets is None else TensorRows({"latents": z0, "embeds": targets.embeds, "tokens": targets.tokens,
+                                                  **({} if targets.scores is None else {"score": targets.scores})})
+    n = len(data)
+    if model.context == "prompt" and (prompts is None or len(prompts) != n):
         raise ValueError(f"a value model on the prompt branch needs one prompt per clean latent: got "
-                         f"{0 if prompts is None else len(prompts)} for {len(z0)}")
+                         f"{0 if prompts is None else len(prompts)} for {n}")
     distributed.init_from_env()  # under torchrun: join the process group (a no-op when already joined or unlaunched)
     share = batch_share(cfg)
     device = next(model.stitch.parameters()).device
@@ -208,31 +268,25 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
     score_fn = model.reward.head_scores if model.reward.head is not None else None
     params = model.trainable_parameters()
     g = cfg.group_size
+    group_of = members = None
     if g > 1:
-        if prompts is None or len(prompts) != len(z0):
+        if prompts is None or len(prompts) != n:
             raise ValueError(f"train.group_size {g} groups latents by prompt: pass one prompt per clean latent")
         position = {p: k for k, p in enumerate(dict.fromkeys(prompts))}
         group_of = torch.tensor([position[p] for p in prompts])
         members = [torch.nonzero(group_of == k).squeeze(1) for k in range(len(position))]
+    draws = BatchDraws(n, data.row_shape("latents"), cfg, gen, start, share, group_of, members)
+    batches = iter(row_loader(data, draws, num_workers))
     history = []
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress or not distributed.is_main(), initial=start,
                total=cfg.steps)
     for step in bar:
-        if g > 1:
-            idx = grouped_batch(group_of, members, cfg.batch_size, g, gen)
-            t = logit_normal(cfg.batch_size // g, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen).repeat_interleave(g)
-            noise = torch.randn((cfg.batch_size // g, *z0.shape[1:]), generator=gen).repeat_interleave(g, 0)
-        else:
-            idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen)
-            t = logit_normal(cfg.batch_size, cfg.sigma_logit_mean, cfg.sigma_logit_std, gen)
-            noise = torch.randn((cfg.batch_size, *z0.shape[1:]), generator=gen)
-        # every rank draws the whole global batch from the same generator and keeps its slice: the run does not
-        # depend on the number of processes, and the generator's state is the same everywhere (one checkpoint)
-        idx, t, noise = idx[share], t[share], noise[share]  # (B / W,), (B / W,), (B / W, C, H, W)
-        z_t = forward_noise(z0[idx], t, noise).to(device)
+        rows = next(batches)  # {"latents": (B / W, C, H, W), "embeds", "tokens"[, "score"]}
+        idx, t, noise, drawn = draws.pending.popleft()
+        z_t = forward_noise(rows["latents"], t, noise).to(device)
         batch_prompts = None if prompts is None else [prompts[k] for k in idx.tolist()]
         embeds, tokens = model.embed(z_t, t.to(device), batch_prompts)
-        target = targets.subset(idx).to(device)
+        target = TeacherTargets(rows["embeds"], rows["tokens"], rows.get("score")).to(device)
         parts = distillation_loss(embeds, tokens, target, cfg.lambda_tok, score_fn, cfg.lambda_score)
         if g > 1 and cfg.lambda_rank > 0:
             reward = model.reward
@@ -253,8 +307,9 @@ def train_value_model(model: StitchedValueModel, z0: torch.Tensor, targets: Teac
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.save(step + 1, model, opt, sched, gen)
+            ckpt.save(step + 1, model, opt, sched, generator_at(drawn))
         if on_step is not None:
             on_step(row)
+    del batches  # stops the loader's workers
     model.eval()
     return history
