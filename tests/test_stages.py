@@ -11,8 +11,8 @@ import yaml
 from stitchvm.config import from_dict, Params
 from stitchvm.stages import VALUE_PIPELINE, stage
 from stitchvm.stages.runtime import Paths
-from stitchvm.stages.upstream import num_shards
-from stitchvm.data.storage import open_root, read_shards
+from stitchvm.stages.upstream import EVAL, PROBE, noisy_shards, num_shards
+from stitchvm.data.storage import index_parts, open_root, read_shards, shard_index_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
@@ -123,6 +123,24 @@ def test_missing_upstream_names_the_stage_to_run(tmp_path):
     stage("prompts").run(params, paths)
     with pytest.raises(FileNotFoundError, match=r"run the `samples` stage first"):
         stage("noisy").run(params, paths, progress=False)
+
+
+def test_a_noisy_set_left_short_is_refused_by_its_readers(tmp_path):
+    """A killed `noisy` run leaves fewer shards than params make (write_shards prunes extra shards first): search and
+    evaluate must fail naming the missing shard rather than read a short set."""
+    params = small_params(str(tmp_path / "data"))
+    paths = Paths.from_params(params, reports=tmp_path / "reports", checkpoints=tmp_path / "ckpt", track=False)
+    for name in ("prompts", "samples", "labels", "noisy", "search", "train"):
+        stage(name).run(params, paths, progress=False)
+    storage = paths.storage()
+    expected = noisy_shards(params)
+    # 2 train prompts × 6 = 12 train samples, probe 8 → 2 shards of 5; 2 test prompts × 6 × 2 σ = 24 rows → 5 shards
+    assert expected == {PROBE: 2, EVAL: 5}
+    assert {name: len(index_parts(storage, name)) for name in expected} == expected
+    for name, reader in ((PROBE, "search"), (EVAL, "evaluate")):
+        storage.remove(shard_index_name(name, expected[name] - 1))
+        with pytest.raises(FileNotFoundError, match=rf"shard\(s\) {expected[name] - 1} of {expected[name]}"):
+            stage(reader).run(params, paths, progress=False)
 
 
 def test_cli_reports_a_missing_upstream_output(tmp_path):

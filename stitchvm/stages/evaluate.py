@@ -27,7 +27,7 @@ from stitchvm.stages.geneval import judge_latents
 from stitchvm.stages.run_record import split_fields, split_rows, write_record
 from stitchvm.stages.runtime import Paths, models, needs
 from stitchvm.world.prompt_set import CATEGORIES
-from stitchvm.stages.upstream import (EVAL, prompt_specs, prompts_in_split, read_prompts, read_train_run,
+from stitchvm.stages.upstream import (EVAL, noisy_shards, prompt_specs, prompts_in_split, read_prompts, read_train_run,
                                       stream_split, value_model_dir)
 
 TIMED = ("ms_per_eval", "peak_mem_mb")  # the evaluation rows' measurements: the run record's, keyed by (sigma, method)
@@ -132,7 +132,7 @@ def eval_inputs(params: Params, storage) -> tuple[NoisyEvalSet, dict, object, li
     sample_prompts = index.column("prompt").to_pylist()
     data = NoisyEvalSet(z0, torch.tensor([position[p] for p in sample_prompts]), test_prompts,
                         None if category is None else [category[p] for p in test_prompts])
-    noisy_index = read_index(storage, EVAL, hint=needs("noisy"))
+    noisy_index = read_index(storage, EVAL, hint=needs("noisy"), expected_shards=noisy_shards(params)[EVAL])
     sigmas = noisy_index.column("sigma").to_pylist()
     noisy = {s: gather_rows(ShardRows(storage, {EVAL: (noisy_index, ["z_t"])},
                                       [k for k, x in enumerate(sigmas) if x == s]))["z_t"]

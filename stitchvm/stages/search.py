@@ -9,12 +9,13 @@ from stitchvm.config import Params
 from stitchvm.value.search import SearchResult, search_stitch
 from stitchvm.data.storage import read_shards
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.stages.upstream import PROBE, SEARCH, samples_for
+from stitchvm.stages.upstream import PROBE, SEARCH, noisy_shards, samples_for
 
 
 def search_on_probe(params: Params, storage, backbone, reward, context: str, progress: bool = True) -> SearchResult:
     """The stitch search on the stored probe set, the head reading CFG branch `context`."""
-    probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"))
+    probe, index = read_shards(storage, PROBE, progress=False, hint=needs("noisy"),
+                               expected_shards=noisy_shards(params)[PROBE])
     z0, prompts = samples_for(storage, params, index.column("sample_id").to_pylist())
     return search_stitch(backbone, reward, z0, probe["z_t"], probe["t"], params.search.j_max, params.search.batch_size,
                          progress, params.search.upsample, context, prompts)

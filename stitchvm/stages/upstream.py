@@ -34,6 +34,15 @@ def num_shards(params: Params) -> int:
     return -(-rows // params.storage.shard_size)
 
 
+def noisy_shards(params: Params) -> dict[str, int]:
+    """Shards of `noisy/probe` and `noisy/eval`, from params alone: a set left short by a killed `noisy` run fails its
+    reader (naming the missing shards) instead of being read as it is."""
+    p, per_prompt, size = params.prompts, params.samples.per_prompt, params.storage.shard_size
+    probe = min(params.noisy.probe_size, p.train * per_prompt)
+    evals = p.test * per_prompt * len(params.noisy.sigmas)
+    return {PROBE: -(-probe // size), EVAL: -(-evals // size)}
+
+
 def shards_to_run(params: Params, shards: list[int] | None) -> list[int]:
     """The shards a sharded stage runs: all of them, or the given ones, which must exist."""
     n = num_shards(params)
