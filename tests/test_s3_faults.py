@@ -23,13 +23,16 @@ from conftest import free_port
 from stitchvm.data.storage import index_parts, open_root, shard_status
 from test_kill_resume import N_SHARDS, SAMPLES, SEED, cli, complete_shards, env, run_to_end, summary_of, write_params
 
-PREFIX = "bucket/faults"
+# moto's state is process-global (which is why a restarted server still holds the objects): a bucket of this test's
+# own, so that the session's other S3 tests (conftest's `bucket`) and this one never meet
+BUCKET = "stitchvm-faults"
+PREFIX = f"{BUCKET}/faults"
 FAIL_WITHIN_S = 20  # botocore's and s3fs's retries on a refused connection take about 5-7 s here
 
 
 @pytest.fixture
 def moto(monkeypatch):
-    """A moto S3 server on a free port with a bucket; yields (port, a function restarting it on the same port)."""
+    """A moto S3 server on a free port with the bucket BUCKET; yields its port, `stop` and `restart` (same port)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -44,7 +47,7 @@ def moto(monkeypatch):
         servers[-1].start()
 
     fs = s3(port)
-    fs.mkdir("bucket")
+    fs.mkdir(BUCKET)
     yield {"port": port, "stop": lambda: servers[-1].stop(), "restart": restart}
     try:
         servers[-1].stop()
