@@ -14,6 +14,10 @@ from pathlib import Path
 # back to its PIL image processors: expected, and it would be the first lines of every command's stderr.
 logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed)" not in record.getMessage())
+# s3fs sends its requests from an asyncio loop of its own: when an S3 endpoint drops mid-write, aiohttp's pending write
+# task fails as well, and asyncio logs "Task exception was never retrieved" with a traceback once the task is collected.
+# The failure itself reaches the stage and is reported in one line (EXPECTED below): that second report is noise.
+logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
 
 from stitchvm import distributed
 from stitchvm.config import ConfigError, check_device, load_params

@@ -1,6 +1,8 @@
 """Expected failures of the command line end in one line naming the key, file or shard, with exit status 2 (bad
 params or arguments) or 1 (a stage's missing input), and write nothing. The table of bad inputs is in
-tests/test_bad_inputs.py; here: that good params pass, and the thread count."""
+tests/test_bad_inputs.py; here: that good params pass, the thread count, and no storage-task noise after a failure."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,26 @@ def test_stage_threads_share_the_cores(monkeypatch):
         assert stage_threads(2) == 3 and set_stage_threads() == 3 and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+ORPHANED_TASK = """
+import asyncio, gc
+{imports}
+async def write():
+    raise ConnectionError("Cannot write to closing transport")
+loop = asyncio.new_event_loop()
+task = loop.create_task(write())
+loop.run_until_complete(asyncio.sleep(0.01))
+del task
+gc.collect()
+"""
+
+
+@pytest.mark.parametrize("imports, reported", [("", True), ("import stitchvm.__main__", False)])
+def test_an_orphaned_storage_task_adds_no_traceback_to_the_one_line_failure(imports, reported):
+    """s3fs's request tasks die with the endpoint; asyncio reports each one it collects with a traceback. The CLI
+    drops that report (the stage's own one-line failure says it); without the CLI's filter it is printed."""
+    run = subprocess.run([sys.executable, "-c", ORPHANED_TASK.format(imports=imports)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert ("Task exception was never retrieved" in run.stderr) == reported, run.stderr
