@@ -19,8 +19,8 @@ from stitchvm.models.lora import LoraPolicy
 from stitchvm.value.model import StitchedValueModel
 
 # 3 sampler steps, CFG 2 (both branches counted), one prompt group of 2; a one-point stopping window so that the
-# update's τ is known: NFT+StitchVM stops after 2 steps, DRaFT+StitchVM after 2 with K = 2 (the first differentiable step's
-# backward stops at the adapter, the second's reaches z)
+# update's τ is known: NFT+StitchVM stops after 2 steps, DRaFT+StitchVM after 2 with K = 2 (the first differentiable
+# step's backward stops at the adapter, the second's reaches z)
 CFG = dict(updates=1, prompts_per_update=1, group_size=2, steps=3, guidance_scale=2.0, lora_rank=2, lora_alpha=4.0,
            batch_size=8, eval_every=1, nft=dict(train_times=0, kl_weight=1e-4, tau_window=(2, 2), tau_of=3),
            draft=dict(k=2, reg_weight=0.01, tau_window=(2, 2), tau_of=3))
@@ -62,7 +62,8 @@ def test_stitchvm_updates_cost_less_and_the_window_is_the_scaled_one(backbone, r
     assert stopping_steps(cfg, "nft") == [10]
     policy = LoraPolicy(backbone, cfg.lora_rank, cfg.lora_alpha)
     costs = piece_costs(policy, [reward], [StitchedValueModel(backbone, reward, 2, 2)], backbone.image_size, cfg)
-    rows = {m: update_row(m, backbone.image_size, costs, cfg) for m in ("nft", "nft-stitchvm", "draft", "draft-stitchvm")}
+    rows = {m: update_row(m, backbone.image_size, costs, cfg)
+            for m in ("nft", "nft-stitchvm", "draft", "draft-stitchvm")}
     n, c = cfg.prompts_per_update * cfg.group_size, costs
     # NFT: 10 steps + 10 training terms; NFT+StitchVM: τ of each, τ = 5, 6, 7 equally likely (mean 6)
     assert rows["nft"]["tflops_per_update"] == pytest.approx(n * (10 * c["step"] + c["reward"] + 10 * c["train_pass"]))
