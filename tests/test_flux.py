@@ -113,15 +113,16 @@ def test_local_folder_round_trip(flux, gen, tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def test_every_stage_runs_on_tiny_flux(tmp_path):
+@pytest.mark.parametrize("reward_source", ["tiny:clip", "tiny:open_clip"])
+def test_every_stage_runs_on_tiny_flux(tmp_path, reward_source):
     """search → train → evaluate on stored data, then the guidance stage (DPS-Tweedie/StitchVM, FK) and one NFT +
-    StitchVM update, all on tiny:flux offline."""
+    StitchVM update, all on tiny:flux offline, with an HF CLIP and with an open_clip reward (converted)."""
     from test_stages import run_all, small_params
     from stitchvm.stages import stage
     from stitchvm.stages.runtime import Paths
 
     params = small_params(
-        str(tmp_path / "data"), backbone={"source": "tiny:flux"},
+        str(tmp_path / "data"), backbone={"source": "tiny:flux"}, reward={"source": reward_source, "kind": "clip"},
         guidance={"methods": ["unguided", "dps-tweedie", "dps-stitchvm", "fk-stitchvm"], "steps": 2, "prompts": 1,
                   "per_prompt": 2, "batch_size": 2, "particles": 2, "proposals": 2, "resample_every": 1,
                   "window": [0.0, 1.0], "guidance_scale": W},
@@ -137,8 +138,6 @@ def test_every_stage_runs_on_tiny_flux(tmp_path):
     aligned = stage("align").run(params, paths, progress=False)
     assert aligned["method"] == "nft-stitchvm" and aligned["updates"] == 1
     assert aligned["reward_after"] != aligned["reward_before"]  # the update moved the adapter
-
-
 
 
 @pytest.mark.parametrize("method", ["nft", "draft-stitchvm"])
