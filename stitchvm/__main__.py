@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "guidance and alignment when run, and where the outputs are")
     summary.add_argument("--reports", default="reports", help="the reports folder (default: reports)")
     bench = sub.add_parser("bench", help="a benchmark on a profile: prints a table and writes JSON")
-    bench.add_argument("name", choices=("guidance", "align", "value", "memory"), help="what to benchmark")
+    bench.add_argument("name", choices=("guidance", "align", "value", "memory", "truth"),
+                       help="what to benchmark")
     bench.add_argument("--profile", default="default",
                        help="`default` (params.yaml), a name under profiles/ (e.g. arch) or a .yaml path")
     bench.add_argument("--out", default=None, help="the JSON report (default: reports/bench_<name>.json)")
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--updates", type=int, default=None, help="align: optimiser updates per method")
     bench.add_argument("--seeds", default=None, help="align: comma-separated seeds, every method once per seed")
     bench.add_argument("--steps", type=_at_least(1), default=None, help="value: training steps per variant; memory: train steps per run (default 20)")
+    bench.add_argument("--rollouts", type=_at_least(2), default=None,
+                       help="truth: Monte Carlo rollouts per noisy latent, in two halves (even; default 16)")
     bench.add_argument("--variants", default=None, help="value: comma-separated variants (default: all)")
     bench.add_argument("--per-prompt", default=None,
                        help="memory: comma-separated samples.per_prompt sizes (default: 192,768; use --profile smoke)")
@@ -195,6 +198,9 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
     if args.updates is not None and (args.name != "align" or args.updates < 1):
         print("stitchvm bench: --updates applies to `bench align` and must be >= 1", file=sys.stderr)
         return 2
+    if args.rollouts is not None and args.name != "truth":
+        print("stitchvm bench: --rollouts applies to `bench truth` only", file=sys.stderr)
+        return 2
     try:
         if args.name == "guidance" and args.sweep:
             from stitchvm.benchmarks import guidance_sweep
@@ -208,6 +214,9 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
             from stitchvm.benchmarks.value import run
             run(args.profile, out, steps=args.steps, progress=progress,
                 variants=args.variants.split(",") if args.variants else None)
+        elif args.name == "truth":
+            from stitchvm.benchmarks.truth import run
+            run(args.profile, out, rollouts=args.rollouts or 16, progress=progress)
         elif args.name == "memory":
             from stitchvm.benchmarks.memory import PER_PROMPT, run
             run(args.profile, out, steps=args.steps or 20, progress=progress,

@@ -249,3 +249,37 @@ def test_guidance_config_fails_with_the_key_path(guidance, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(Params, {"guidance": guidance})
     assert from_dict(Params, {"guidance": {"schedule_tweedie": "power:1.5"}}).guidance.schedule_tweedie == "power:1.5"
+
+
+def test_geneval_uncertainty_is_stratified_by_category_with_the_prompt_as_the_unit():
+    from statistics import variance
+
+    from stitchvm.benchmarks.geneval_uncertainty import macro_mean_se, paired_differences, verdicts_by_prompt
+
+    prompts = ["p", "q", "r", "p", "q", "r"]
+    a = verdicts_by_prompt([True, False, True, True, True, False], prompts)
+    assert a == {"p": [1, 1], "q": [0, 1], "r": [1, 0]}
+    category_of = {"p": "counting", "q": "counting", "r": "position"}
+    # counting: prompts p, q (accuracies 1, 0.5) are the units; position: one prompt, its two samples are
+    mean_, se = macro_mean_se(a, category_of)
+    assert mean_ == pytest.approx((0.75 + 0.5) / 2)
+    assert se == pytest.approx(math.sqrt(variance([1.0, 0.5]) / 2 + variance([1, 0]) / 2) / 2)
+    assert macro_mean_se({"p": [1]}, {"p": "counting"}) == (1.0, None)
+    # the same estimator as the evaluator's overall score (mean over categories of the fraction correct)
+    from stitchvm.world.evaluation import accuracy_by_category
+    flat = [v for p in a for v in a[p]]
+    cats = [category_of[p] for p in a for _ in a[p]]
+    assert mean_ == pytest.approx(accuracy_by_category(torch.tensor(flat, dtype=torch.bool), cats)["overall"])
+    b = {"p": [0, 0], "q": [0, 1], "r": [1, 1]}
+    rows = [{"method": "fk-stitchvm", "verdicts": a}, {"method": "fk-tweedie", "verdicts": b},
+            {"method": "unguided"}]  # a row without verdicts (no evaluator) is left out of the pairs
+    (d,) = paired_differences(rows, category_of)
+    assert (d["a"], d["b"]) == ("fk-stitchvm", "fk-tweedie")
+    assert d["diff"] == pytest.approx(macro_mean_se(a, category_of)[0] - macro_mean_se(b, category_of)[0])
+    per_prompt_counting = [1.0, 0.0]  # p: 1 - 0, q: 0.5 - 0.5
+    per_sample_position = [0, -1]  # r: (1 - 1, 0 - 1)
+    assert d["se"] == pytest.approx(math.sqrt(variance(per_prompt_counting) / 2 + variance(per_sample_position) / 2)
+                                    / 2)
+    assert d["z"] == pytest.approx(d["diff"] / d["se"])
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_differences([rows[0], {"method": "fk-tweedie", "verdicts": {"p": [1], "s": [0]}}], category_of)

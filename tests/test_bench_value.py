@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from stitchvm.benchmarks.truth import reliability_rows, run as bench_truth
 from stitchvm.benchmarks.value import VARIANTS, run as bench
 from stitchvm.config import load_params
 from stitchvm.stages import stage
@@ -34,6 +35,9 @@ def test_bench_value_trains_each_variant_against_one_monte_carlo_value(tmp_path,
             stage(name).run(params, paths, progress=False)
         variants = ["distill", "prompt-head+rank"]
         report = bench(str(profile), tmp_path / "bench.json", steps=3, variants=variants, progress=False)
+        stage("train").run(params, paths, progress=False)
+        truth = bench_truth(str(profile), tmp_path / "truth.json", rollouts=4, progress=False)
+        again = bench_truth(str(profile), tmp_path / "truth2.json", rollouts=4, progress=False)
     finally:
         torch.set_num_threads(threads)
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
@@ -47,3 +51,33 @@ def test_bench_value_trains_each_variant_against_one_monte_carlo_value(tmp_path,
                                                      "color_attr"}
     with pytest.raises(ValueError, match="unknown variants"):
         bench(str(profile), tmp_path / "x.json", variants=["nope"])
+    # bench truth on the trained model: a row per σ and method, seeded (the same numbers twice)
+    assert [(r["sigma"], r["method"]) for r in truth["rows"]] == [(0.5, "stitchvm"), (0.5, "tweedie")]
+    assert truth["rows"] == again["rows"] and truth["by_category"] == again["by_category"]
+    assert all(-1 <= r["vs_mc"] <= 1 and -1 <= r["split_half"] <= 1 for r in truth["rows"])
+    with pytest.raises(ValueError, match="even integer"):
+        bench_truth(str(profile), tmp_path / "x.json", rollouts=3)
+
+
+def test_reliability_rows_follow_spearman_brown_and_the_attenuation_formula():
+    """Two halves of a noisy measurement: split-half = their within-prompt Spearman, reliability by Spearman-Brown,
+    and a method's agreement with the truth = its agreement with the mean of both halves / √reliability."""
+    from stitchvm.value.ranking import spearman_within_groups
+
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.arange(4).repeat_interleave(50)  # 4 prompts × 50 latents
+    truth = torch.randn(200, generator=gen)
+    half_a, half_b = (truth + torch.randn(200, generator=gen) for _ in range(2))
+    method = truth + 0.5 * torch.randn(200, generator=gen)
+    (row,) = reliability_rows(0.5, {"m": method}, half_a, half_b, groups)
+    split = spearman_within_groups(half_a, half_b, groups)
+    assert row["split_half"] == pytest.approx(split)
+    assert row["reliability_R"] == pytest.approx(2 * split / (1 + split))
+    assert row["perfect_vs_mc"] == pytest.approx(split ** 0.5)
+    vs_mc = spearman_within_groups(method, (half_a + half_b) / 2, groups)
+    assert row["vs_mc"] == pytest.approx(vs_mc)
+    assert row["vs_true"] == pytest.approx(vs_mc / (2 * split / (1 + split)) ** 0.5)
+    # the correction recovers the agreement with the truth itself (up to sampling noise of 200 latents)
+    assert abs(row["vs_true"] - spearman_within_groups(method, truth, groups)) < 0.1
+    (same,) = reliability_rows(0.5, {"m": method}, half_a, half_a, groups)  # identical halves: no MC noise
+    assert same["reliability_R"] == pytest.approx(1.0) and same["vs_true"] == pytest.approx(same["vs_mc"])

@@ -12,14 +12,12 @@ The faults are injected here, never in the library:
 """
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
 from safetensors.torch import save_file
 
 from stitchvm import distributed
@@ -28,7 +26,7 @@ from stitchvm.alignment.nft import NFT_ADAPTERS, train_nft
 from stitchvm.alignment.trainer import PolicyEvalSet
 from stitchvm.config import AlignConfig, from_dict
 from stitchvm.models.lora import TRAINED, LoraPolicy
-from torchrun_train import float64_models
+from torchrun_train import float64_models, join_and_register, kill_every_process
 
 PROMPTS = ["a red square", "a green circle", "a blue triangle"]
 # 2 prompts × 2 rollouts per update (2 per rank on 2 ranks), micro-batches of 1, the η-SDE sampler (per-sample noise),
@@ -50,9 +48,7 @@ def fault(out: Path, pids: Path, ckpt: Path, ran: list[int]):
     def on_update(row: dict) -> None:
         ran.append(row["step"])
         if kill_at and row["step"] == kill_at and distributed.rank() == 0:
-            others = [int(p.read_text()) for p in pids.iterdir() if int(p.read_text()) != os.getpid()]
-            for pid in [os.getppid(), *others, os.getpid()]:
-                os.kill(pid, signal.SIGKILL)
+            kill_every_process(pids)
         if fail_at and row["step"] == fail_at and distributed.rank() == 1 and not (out / "failed").exists():
             cursor = ckpt / "last" / "cursor.json"
             deadline = time.monotonic() + 60
@@ -67,11 +63,7 @@ def fault(out: Path, pids: Path, ckpt: Path, ran: list[int]):
 
 
 def main(method: str, out: Path, ckpt: Path) -> None:
-    torch.set_num_threads(1)
-    distributed.init_from_env()
-    pids = out / "pids"
-    pids.mkdir(parents=True, exist_ok=True)
-    (pids / f"rank{distributed.rank()}").write_text(str(os.getpid()))
+    pids = join_and_register(out)
     backbone, reward = float64_models()
     nft = method.startswith("nft")
     policy = LoraPolicy(backbone, 2, 4.0, adapters=NFT_ADAPTERS if nft else (TRAINED,), seed=0)

@@ -39,6 +39,24 @@ def float64_models():
     return backbone, build_reward(RewardSpec("tiny:clip")).double()
 
 
+def join_and_register(out: Path) -> Path:
+    """Join the process group (a no-op unlaunched) and record this rank's pid in OUT/pids/, which the kill fault
+    reads; returns that folder."""
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    pids = out / "pids"
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"rank{distributed.rank()}").write_text(str(os.getpid()))
+    return pids
+
+
+def kill_every_process(pids: Path) -> None:
+    """SIGKILL torchrun's agent, every other rank registered in `pids` and this process, as when a machine is lost."""
+    others = [int(p.read_text()) for p in pids.iterdir() if int(p.read_text()) != os.getpid()]
+    for pid in [os.getppid(), *others, os.getpid()]:
+        os.kill(pid, signal.SIGKILL)
+
+
 def fault(out: Path, pids: Path):
     """The on_step hook that injects the fault the environment asks for (None: no fault)."""
     kill_at = int(os.environ.get("STITCHVM_KILL_AT_STEP", 0))
@@ -46,9 +64,7 @@ def fault(out: Path, pids: Path):
 
     def on_step(row: dict) -> None:
         if row["step"] == kill_at and distributed.rank() == 0:
-            others = [int(p.read_text()) for p in pids.iterdir() if int(p.read_text()) != os.getpid()]
-            for pid in [os.getppid(), *others, os.getpid()]:
-                os.kill(pid, signal.SIGKILL)
+            kill_every_process(pids)
         if row["step"] == fail_at and distributed.rank() == 1 and not (out / "failed").exists():
             (out / "failed").touch()
             raise RuntimeError(f"injected failure at step {fail_at}")
@@ -57,11 +73,7 @@ def fault(out: Path, pids: Path):
 
 
 def main(out: Path, ckpt: Path) -> None:
-    torch.set_num_threads(1)
-    distributed.init_from_env()
-    pids = out / "pids"
-    pids.mkdir(parents=True, exist_ok=True)
-    (pids / f"rank{distributed.rank()}").write_text(str(os.getpid()))
+    pids = join_and_register(out)
     backbone, reward = float64_models()
     gen = torch.Generator().manual_seed(0)
     z0 = torch.randn(16, backbone.latent_channels, 16, 16, generator=gen, dtype=torch.float64)  # (N, C, h, w)

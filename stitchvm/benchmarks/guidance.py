@@ -34,8 +34,10 @@ from stitchvm.guidance.methods import method_config, run_method
 from stitchvm.models.reward import ClipReward
 from stitchvm.profiling import device_name
 from stitchvm.stages.guidance import format_report
+from stitchvm.stages.tables import format_cell
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.benchmarks import load_profile, profile_path
+from stitchvm.benchmarks.geneval_uncertainty import macro_mean_se, paired_differences, verdicts_by_prompt
 
 ARCH_BACKBONE, ARCH_REWARD = "arch:sd3.5-medium", "arch:clip-vit-l-14"
 ROW_KEYS = ("method", "sec_per_sample", "peak_mem_mb", "reward_mean", "reward_std")
@@ -97,14 +99,23 @@ def _worker(profile_file: str, method: str, root: str | None, best_of_n: int | N
 
 
 def judged_row(params: Params, s: Setup, method: str, cfg: GuidanceConfig) -> dict:
-    """`method`'s row under `cfg`, with the world evaluator's `geneval` columns where its prompts carry specs."""
-    from stitchvm.stages.geneval import geneval_columns
+    """`method`'s row under `cfg`, with the world evaluator's columns where its prompts carry specs: `geneval`,
+    `geneval_se` (`geneval_uncertainty.macro_mean_se`), `geneval_by_category` and `verdicts` ({prompt: [1 / 0 per
+    sample]})."""
+    from stitchvm.stages.geneval import judge_latents
     from stitchvm.stages.prompts import prompt_table
     from stitchvm.stages.upstream import prompt_specs
 
     run = run_method(method, s.backbone, s.reward, s.value_model, s.prompts, cfg)
-    return {**run.row, **geneval_columns(params, s.backbone, run.latents, run.prompts,
-                                         prompt_specs(prompt_table(params)))}
+    specs = prompt_specs(prompt_table(params))
+    judged = judge_latents(params, s.backbone, run.latents, run.prompts, specs)
+    if judged is None:
+        return run.row
+    accuracy = dict(judged[0])
+    verdicts = verdicts_by_prompt(judged[1].tolist(), run.prompts)
+    category_of = {p: specs[p][0] for p in verdicts}
+    return {**run.row, "geneval": accuracy.pop("overall"), "geneval_se": macro_mean_se(verdicts, category_of)[1],
+            "geneval_by_category": accuracy, "verdicts": verdicts}
 
 
 def _isolated(profile_file: Path, method: str, root: str | None, cfg: GuidanceConfig) -> dict:
@@ -167,7 +178,15 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
                   "backbone": params.backbone.source, "reward": params.reward.source,
                   "value_model": _value_source(params, root) if s is None else s.value_source,
                   "isolated": isolate, "config": to_dict(cfg), "rows": rows}
+        if any("verdicts" in r for r in rows):
+            from stitchvm.stages.prompts import prompt_table
+            from stitchvm.stages.upstream import prompt_specs
+
+            category_of = {p: c for p, (c, _) in prompt_specs(prompt_table(params)).items()}
+            report["paired_geneval"] = paired_differences(rows, category_of)
     print(format_report(report))
+    for d in report.get("paired_geneval", []):
+        print(f"GenEval {d['a']} - {d['b']}: {d['diff']:+.3f} ± {format_cell(d['se'])} (paired, same prompts and seeds)")
     if report.get("backbones"):
         from stitchvm.benchmarks.counting import format_backbone_rows
 

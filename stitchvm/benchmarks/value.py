@@ -17,6 +17,10 @@ the tweedie and monte-carlo rows once per σ (they do not depend on the variant)
   on the stored probe set for it), so the value reads the prompt it is asked about.
 - distill-3x, prompt-head+rank-3x: distill and prompt-head+rank trained 3× as long (3000 steps): is the value
   model short of training? (A variant without `context` uses the profile's `search.context`.)
+- distill-tok0.1: distill with the token term down-weighted (λ_tok 0.1): does matching every token of the reward
+  tail take the capacity the embedding's ranking needs?
+- distill-lr3x: distill at 3× the learning rate, in the steps of 1× (the cheap way to 3× the training?).
+- grouped+rank0.3: grouped+rank with the ranking term at 0.3 (distill ranks better at σ 0.5, grouped+rank at σ 0.75).
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ VARIANTS = {
     "prompt-head+rank": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt"},
     "distill-3x": {"steps": 3000},
     "prompt-head+rank-3x": {"group_size": 8, "lambda_rank": 1.0, "context": "prompt", "steps": 3000},
+    "distill-tok0.1": {"lambda_tok": 0.1},
+    "distill-lr3x": {"lr": 3.0e-3},
+    "grouped+rank0.3": {"group_size": 8, "lambda_rank": 0.3},
 }
 DISTILL = {"group_size": 1, "lambda_rank": 0.0}  # every variant starts from the paper's recipe, whatever params say
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
