@@ -283,3 +283,20 @@ def test_geneval_uncertainty_is_stratified_by_category_with_the_prompt_as_the_un
     assert d["z"] == pytest.approx(d["diff"] / d["se"])
     with pytest.raises(ValueError, match="different prompts"):
         paired_differences([rows[0], {"method": "fk-tweedie", "verdicts": {"p": [1], "s": [0]}}], category_of)
+
+
+def test_bench_align_takes_the_profiles_own_prompt_split(tmp_path):
+    """A profile on another's storage root with more test prompts evaluates on all of them (not the stored table's)."""
+    from stitchvm.benchmarks.align import _prompts
+    from stitchvm.stages.prompts import prompt_table
+    from stitchvm.stages.upstream import PROMPTS
+
+    from stitchvm.data.storage import open_root
+
+    params = from_dict(Params, {"storage": {"root": str(tmp_path)}, "prompts": {"train": 4, "val": 0, "test": 2},
+                                "align": {"eval_prompts": 33}})
+    open_root(str(tmp_path)).write_table(PROMPTS, prompt_table(params))  # the stored split: 2 test prompts
+    wide = dataclasses.replace(params, prompts=dataclasses.replace(params.prompts, test=9))
+    train, evaluation = _prompts(wide)
+    assert len(evaluation) == 9 and len(_prompts(params)[1]) == 2
+    assert train == _prompts(params)[0]  # the same training prompts: only the evaluation widens

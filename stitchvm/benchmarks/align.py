@@ -44,14 +44,13 @@ ROW_KEYS = (*COLUMNS, "sampling_s", "reward_s", "update_s", "mean_tau")
 
 
 def _prompts(params):
-    """(train, eval) prompts: from the profile's prompts.parquet when the pipeline ran, else split as `prompts` does."""
-    from stitchvm.data.storage import open_root
+    """(train, eval) prompts of the profile, split as the `prompts` stage does (recomputed from params, as `bench
+    guidance` does): a profile that shares another's storage root but takes more test prompts (e.g. `geneval33` on
+    the default pipeline's data) evaluates on its own split, not on the stored prompts.parquet."""
     from stitchvm.stages.align import split_prompts
     from stitchvm.stages.prompts import prompt_table
-    from stitchvm.stages.upstream import PROMPTS, read_prompts
 
-    storage = open_root(params.storage.root, params.storage.options)
-    return split_prompts(read_prompts(storage) if storage.exists(PROMPTS) else prompt_table(params), params.align)
+    return split_prompts(prompt_table(params), params.align)
 
 
 def _value_model(params, backbone, reward):
