@@ -400,3 +400,24 @@ def test_seconds_to_reach_is_the_first_crossing():
     assert seconds_to_reach(curve, 0.3) == 0.0 and seconds_to_reach(curve, 0.7) is None
     assert seconds_to_reach(curve, None) is None
     assert seconds_to_reach([{"wall_s": 1.0, "geneval": None}], 0.1) is None
+
+
+def test_seed_means_average_the_curves_and_read_the_time_off_the_mean():
+    from stitchvm.benchmarks.align import seed_means
+
+    def row(method, seed, points):
+        return {"method": method, "seed": seed, "curve": [{"step": 5 * k, "wall_s": w, "eval_reward": 1.0 + k,
+                                                           "geneval": g} for k, (w, g) in enumerate(points)]}
+
+    rows = [row("nft", 0, [(0, 0.2), (10, 0.3), (20, 0.5)]), row("nft", 1, [(0, 0.2), (12, 0.4), (22, 0.3)]),
+            row("nft-stitchvm", 0, [(0, 0.2), (6, 0.5), (12, 0.3)]),
+            row("nft-stitchvm", 1, [(0, 0.2), (8, 0.3), (14, 0.5)])]
+    m = seed_means(rows)
+    assert [c["geneval"] for c in m["nft"]["curve"]] == pytest.approx([0.2, 0.35, 0.4])
+    assert [c["wall_s"] for c in m["nft-stitchvm"]["curve"]] == pytest.approx([0, 7, 13])
+    assert m["nft"]["geneval_after"] == pytest.approx(0.4) and m["nft"]["seeds"] == 2
+    # the mean NFT+StitchVM curve (0.2, 0.4, 0.4) first reaches NFT's mean final 0.4 at its mean time 7 s
+    assert m["nft-stitchvm"]["seconds_to_nft_final"] == pytest.approx(7.0)
+    rows[3]["curve"].pop()
+    with pytest.raises(ValueError, match="different steps"):
+        seed_means(rows)
