@@ -186,7 +186,8 @@ def run(profile: str, out: str, count: bool = False, progress: bool = True, *, r
             report["paired_geneval"] = paired_differences(rows, category_of)
     print(format_report(report))
     for d in report.get("paired_geneval", []):
-        print(f"GenEval {d['a']} - {d['b']}: {d['diff']:+.3f} ± {format_cell(d['se'])} (paired, same prompts and seeds)")
+        print(f"GenEval {d['a']} - {d['b']}: {d['diff']:+.3f} ± {format_cell(d['se'])} "
+              "(paired, same prompts and seeds)")
     if report.get("backbones"):
         from stitchvm.benchmarks.counting import format_backbone_rows
 

@@ -60,7 +60,8 @@ def estimates(backbone, reward, value_model, z_t: torch.Tensor, sigma: float, pr
     from stitchvm.guidance.fk import stitchvm_potential, tweedie_potential
 
     out = {}
-    for name, potential in (("stitchvm", stitchvm_potential(value_model)), ("tweedie", tweedie_potential(backbone, reward))):
+    potentials = {"stitchvm": stitchvm_potential(value_model), "tweedie": tweedie_potential(backbone, reward)}
+    for name, potential in potentials.items():
         parts = []
         for s in range(0, len(z_t), batch_size):
             z = z_t[s:s + batch_size].to(backbone.device)
