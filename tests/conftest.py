@@ -10,6 +10,8 @@ import torch
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec, RewardSpec
 from stitchvm.models.reward import build_reward
+from stitchvm.value.model import StitchedValueModel
+from stitchvm.value.training import train_value_model
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +47,26 @@ def gen():
 def latents(backbone, n, generator):
     size = backbone.image_size // backbone.vae_scale
     return torch.randn(n, backbone.latent_channels, size, size, generator=generator)
+
+
+def resumed_after_a_crash(backbone, reward, data, targets, cfg, checkpoint_dir, crash_step: int,
+                          **kwargs) -> tuple[list[dict], StitchedValueModel]:
+    """Train from scratch until an exception after step `crash_step`, then train a fresh model (a fresh process
+    starts from init weights) from the checkpoint: (the resumed run's history, the resumed model)."""
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        if row["step"] == crash_step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_value_model(StitchedValueModel(backbone, reward, 2, 1), data, targets, cfg, seed=5,
+                          checkpoint_dir=checkpoint_dir, on_step=crash, progress=False, **kwargs)
+    resumed = StitchedValueModel(backbone, reward, 2, 1)
+    history = train_value_model(resumed, data, targets, cfg, seed=5, checkpoint_dir=checkpoint_dir, progress=False,
+                                **kwargs)
+    return history, resumed
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from stitchvm.diffusion.flow import logit_normal
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.value.training import BatchDraws, teacher_targets, train_value_model
 
-from conftest import latents
+from conftest import latents, resumed_after_a_crash
 
 PROMPTS = ["a red square", "a green square", "a blue square", "a yellow square"]
 
@@ -165,20 +165,8 @@ def test_streamed_resume_with_workers_equals_an_uninterrupted_run(tmp_path, back
     cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3)
     full = StitchedValueModel(backbone, reward, 2, 1)
     train_value_model(full, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "a", progress=False)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(row):
-        if row["step"] == 4:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_value_model(StitchedValueModel(backbone, reward, 2, 1), streamed, None, cfg, seed=5,
-                          checkpoint_dir=tmp_path / "b", on_step=crash_at_4, progress=False, num_workers=2)
-    resumed = StitchedValueModel(backbone, reward, 2, 1)
-    history = train_value_model(resumed, streamed, None, cfg, seed=5, checkpoint_dir=tmp_path / "b",
-                                progress=False, num_workers=2)
+    history, resumed = resumed_after_a_crash(backbone, reward, streamed, None, cfg, tmp_path / "b", crash_step=4,
+                                             num_workers=2)
     assert [r["step"] for r in history] == [4, 5, 6]
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

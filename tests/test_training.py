@@ -12,7 +12,7 @@ from stitchvm.value.ranking import spearman_within_groups
 from stitchvm.value.search import search_stitch, stitched_from_search
 from stitchvm.value.model import StitchedValueModel
 
-from conftest import latents
+from conftest import latents, resumed_after_a_crash
 
 PROMPTS = ["a red square", "a green square", "a blue square", "a yellow square"]
 
@@ -86,20 +86,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, backbone, reward, gen):
     cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3)
     full = StitchedValueModel(backbone, reward, 2, 1)
     train_value_model(full, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "a", progress=False)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_4(row):
-        if row["step"] == 4:
-            raise Crash
-
-    interrupted = StitchedValueModel(backbone, reward, 2, 1)
-    with pytest.raises(Crash):
-        train_value_model(interrupted, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", on_step=crash_at_4,
-                 progress=False)
-    resumed = StitchedValueModel(backbone, reward, 2, 1)  # a fresh process would start from init weights
-    history = train_value_model(resumed, z0, targets, cfg, seed=5, checkpoint_dir=tmp_path / "b", progress=False)
+    history, resumed = resumed_after_a_crash(backbone, reward, z0, targets, cfg, tmp_path / "b", crash_step=4)
     assert [r["step"] for r in history] == [4, 5, 6]
     a, b = full.trainable_state_dict(), resumed.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
