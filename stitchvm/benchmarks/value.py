@@ -21,6 +21,11 @@ the tweedie and monte-carlo rows once per σ (they do not depend on the variant)
   tail take the capacity the embedding's ranking needs?
 - distill-lr3x: distill at 3× the learning rate, in the steps of 1× (the cheap way to 3× the training?).
 - grouped+rank0.3: grouped+rank with the ranking term at 0.3 (distill ranks better at σ 0.5, grouped+rank at σ 0.75).
+- low-sigma: grouped+rank0.3 with t drawn around σ 0.27 (logit-normal mean -1): at high σ the teacher's label, the
+  reward of the one clean image, is mostly noise that z_t cannot predict; does it drown the signal at lower σ?
+- batch3x: grouped+rank0.3 on batches of 96: a less noisy gradient, at 3× the cost.
+- low-sigma+b64: low-sigma on batches of 64 for 500 steps: the less noisy gradient at the cost of 1000 × 32 (the
+  default since the sixth session).
 """
 from __future__ import annotations
 
@@ -44,8 +49,13 @@ VARIANTS = {
     "distill-tok0.1": {"lambda_tok": 0.1},
     "distill-lr3x": {"lr": 3.0e-3},
     "grouped+rank0.3": {"group_size": 8, "lambda_rank": 0.3},
+    "low-sigma": {"group_size": 8, "lambda_rank": 0.3, "sigma_logit_mean": -1.0},
+    "batch3x": {"group_size": 8, "lambda_rank": 0.3, "batch_size": 96},
+    "low-sigma+b64": {"group_size": 8, "lambda_rank": 0.3, "sigma_logit_mean": -1.0, "batch_size": 64, "steps": 500},
 }
-DISTILL = {"group_size": 1, "lambda_rank": 0.0}  # every variant starts from the paper's recipe, whatever params say
+# every variant starts from the paper's recipe on the first world's budget (1000 steps of 32, t around σ 0.5),
+# whatever params say; `--steps` overrides every variant's steps
+DISTILL = {"group_size": 1, "lambda_rank": 0.0, "sigma_logit_mean": 0.0, "batch_size": 32, "steps": 1000}
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
 
 
