@@ -24,8 +24,8 @@ the tweedie and monte-carlo rows once per σ (they do not depend on the variant)
 - low-sigma: grouped+rank0.3 with t drawn around σ 0.27 (logit-normal mean -1): at high σ the teacher's label, the
   reward of the one clean image, is mostly noise that z_t cannot predict; does it drown the signal at lower σ?
 - batch3x: grouped+rank0.3 on batches of 96: a less noisy gradient, at 3× the cost.
-- low-sigma+b64: low-sigma on batches of 64 for 500 steps: the less noisy gradient at the cost of 1000 × 32 (the
-  default since the sixth session).
+- low-sigma+b64: low-sigma on batches of 64 for 500 steps: the less noisy gradient at the cost of 1000 × 32 (best
+  against the truth at that cost; not the default, since guidance and alignment did not follow: docs/results.md).
 """
 from __future__ import annotations
 
