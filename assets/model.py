@@ -24,6 +24,8 @@ def search(stitchvm: StitchVMResource) -> MaterializeResult:
         "pair": MetadataValue.json(summary["pair"]),
         "best_error": float(summary["error"]),
         "pairs_searched": len(table),
+        "kernel": summary["kernel"],  # F's kernel; with k > 1 the chosen pair's k×k fit error too
+        **({} if summary["kernel_error"] is None else {"kernel_error": float(summary["kernel_error"])}),
         "path": MetadataValue.path(summary["path"]),
         "error_table": md_table(table[:10], ["i", "j", "error"]),
         "heatmap": png_md(paths.storage().read_bytes(f"{SEARCH}/heatmap.png"), "stitch search heatmap"),

@@ -231,9 +231,12 @@ class SearchConfig:
     batch_size: int = 16
     upsample: str = "bilinear"  # U: bilinear (METHOD.md), or subpixel where the reward grid is finer (stitching.py)
     context: str = "empty"  # the CFG branch the value head reads: empty (METHOD.md's ∅) or prompt (backbone_head.py)
+    kernel: int = 1  # the stitch's F: a kernel × kernel conv on the token grid (METHOD.md: 1), value/stitching.py
 
     def __post_init__(self):
         _check(self.upsample in ("bilinear", "subpixel"), f"upsample {self.upsample!r} is not bilinear/subpixel")
+        _check(isinstance(self.kernel, int) and self.kernel >= 1 and self.kernel % 2 == 1,
+               f"kernel must be an odd integer >= 1 (a centred neighbourhood), got {self.kernel!r}")
         _check(self.context in ("empty", "prompt"), f"context {self.context!r} is not empty/prompt")
         _check(self.j_max >= 1, "j_max must be >= 1")
         _check(self.batch_size >= 1, "batch_size must be >= 1")

@@ -30,6 +30,7 @@ def test_repo_params_load_and_round_trip():
     ({"reward": {"kind": "hps"}}, "reward: kind 'hps' is not 'clip' or 'aesthetic'"),
     ({"search": {"upsample": "nearest"}}, "search: upsample 'nearest' is not bilinear/subpixel"),
     ({"search": {"context": "text"}}, "search: context 'text' is not empty/prompt"),
+    ({"search": {"kernel": 2}}, "search: kernel must be an odd integer >= 1 (a centred neighbourhood), got 2"),
     ({"reward": {"kind": "aesthetic"}}, "reward: kind 'aesthetic' needs a head"),
     ({"backbone": "tiny:sd3"}, "backbone: expected a mapping"),
 ])

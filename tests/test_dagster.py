@@ -43,7 +43,7 @@ METADATA = {
     "labels": {"dagster/row_count", "path", "shards", "shards_written", "shards_written_ids", "shards_rewritten",
                "shard_size", "shard_table", "reward", "tensor_shapes"},
     "noisy": {"dagster/row_count", "probe_rows", "eval_rows", "sigmas", "probe_path", "eval_path"},
-    "search": {"pair", "best_error", "pairs_searched", "path", "error_table", "heatmap"},
+    "search": {"pair", "best_error", "pairs_searched", "kernel", "path", "error_table", "heatmap"},
     "train": {"steps", "seconds", "samples_per_s", "first_loss", "final_loss", "pair", "path", "curve",
               "mlflow_run_id", "model_version", "mlflow_run_url", "model_version_url"},
     "align": {"method", "reward_before", "reward_after", "sec_per_update", "adapter", "reward_vs_time", "before_after",

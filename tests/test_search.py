@@ -97,3 +97,39 @@ def test_prompt_context_search_fits_the_conditional_features(backbone, reward, g
         x = map_to_tokens(resample(tokens_to_map(u, (8, 8)), reward.grid)).double()
         got = model.stitch_tokens(zz, tt, prompts[:2]) - model.position_embedding
     assert torch.allclose(got[:, 1:].double(), x @ result.weight + result.bias, atol=1e-4)
+
+
+def test_kernel_fit_initialises_a_kxk_stitch_and_explains_at_least_the_1x1_fit(backbone, reward, gen):
+    """With kernel 3 the chosen pair is refitted on 3×3 neighbourhoods: the model at init reproduces that least-squares
+    prediction (neighbourhoods gathered by hand), and, the 1×1 map being one of its candidates (the centre tap), its
+    in-sample error is at most the table's for the pair."""
+    z0 = torch.randn(40, backbone.latent_channels, 6, 6, generator=gen)
+    t = torch.rand(40, generator=gen)
+    z_t = forward_noise(z0, t, torch.randn(z0.shape, generator=gen))
+    result = search_stitch(backbone, reward, z0, z_t, t, j_max=1, batch_size=16, progress=False, upsample="subpixel",
+                           kernel=3)
+    db = backbone.width
+    assert result.kernel == 3 and result.weight.shape == (9 * db, 4 * reward.width)
+    assert result.to_json()["kernel"] == 3
+    pair = next(r["error"] for r in result.table if (r["i"], r["j"]) == (result.i, result.j))
+    assert 0.0 <= result.kernel_error <= pair + 1e-9
+    model = stitched_from_search(backbone, reward, result)
+    assert model.kernel == 3
+    z, tt = z0[:2], torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        u = model.head(z, tt).double().view(2, 3, 3, db)  # the 3×3 token grid of 6×6 latents
+        got = (model.stitch_tokens(z, tt) - model.position_embedding)[:, 1:].double().view(2, 6, 6, -1)
+    for r in range(3):
+        for c in range(3):
+            x = torch.zeros(2, db, 3, 3, dtype=torch.float64)
+            for dr in range(3):
+                for dc in range(3):
+                    if 0 <= r + dr - 1 < 3 and 0 <= c + dc - 1 < 3:
+                        x[:, :, dr, dc] = u[:, r + dr - 1, c + dc - 1]
+            pred = x.reshape(2, 9 * db) @ result.weight + result.bias  # (2, 4·D) in pixel_unshuffle order
+            for a in range(2):
+                for b in range(2):
+                    cols = [d * 4 + 2 * a + b for d in range(reward.width)]
+                    assert torch.allclose(got[:, 2 * r + a, 2 * c + b], pred[:, cols], atol=1e-4)
+    with pytest.raises(ValueError, match="kernel must be an odd integer >= 1"):
+        search_stitch(backbone, reward, z0, z_t, t, j_max=1, batch_size=16, progress=False, kernel=0)

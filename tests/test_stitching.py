@@ -73,3 +73,29 @@ def test_subpixel_stitch_puts_each_sub_position_of_a_token_under_it(gen):
                     torch.testing.assert_close(out[:, 2 * r + a, 2 * c + bb], expected)
     with pytest.raises(ValueError, match="sub-pixel factor must be >= 1"):
         StitchingLayer(3, 5, (4, 4), factor=0)
+
+
+def test_a_kxk_stitch_at_init_is_the_least_squares_map_of_each_tokens_neighbourhood(gen):
+    """F as a 3×3 conv: at init each token's output is W applied to its 3×3 neighbourhood, zero padded, gathered here by
+    hand in `neighbourhoods` order (channel d·9 + row·3 + col)."""
+    din, dout = 5, 7
+    layer = StitchingLayer(din, dout, out_grid=(4, 4), kernel=3)
+    w, b = torch.randn(din * 9, dout, generator=gen), torch.randn(dout, generator=gen)
+    layer.init_projection(w, b)
+    tokens = torch.randn(2, 16, din, generator=gen)  # a 4×4 backbone grid, the reward grid too: U is the identity
+    grid = tokens.view(2, 4, 4, din)
+    expected = torch.empty(2, 4, 4, dout)
+    for r in range(4):
+        for c in range(4):
+            x = torch.zeros(2, din, 3, 3)
+            for dr in range(3):
+                for dc in range(3):
+                    rr, cc = r + dr - 1, c + dc - 1
+                    if 0 <= rr < 4 and 0 <= cc < 4:
+                        x[:, :, dr, dc] = grid[:, rr, cc]
+            expected[:, r, c] = x.reshape(2, din * 9) @ w + b
+    assert torch.allclose(layer(tokens, (4, 4)), expected.view(2, 16, dout), atol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(5, 7\), the stitch needs \(45, 7\) \(its F is 3×3\)"):
+        layer.init_projection(w[:din], b)
+    with pytest.raises(ValueError, match="kernel must be an odd integer >= 1"):
+        StitchingLayer(din, dout, out_grid=(4, 4), kernel=2)

@@ -56,6 +56,13 @@ def test_save_load_round_trip(tmp_path, backbone, reward, gen):
     z = torch.randn(3, backbone.latent_channels, 6, 6, generator=gen)
     with torch.no_grad():
         assert loaded.factor == 2 and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
+    # a k×k stitch keeps its kernel
+    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, kernel=3))
+    model.save_pretrained(tmp_path / "kernel")
+    loaded = StitchedValueModel.from_pretrained(tmp_path / "kernel")
+    z = latents(backbone, 3, gen)
+    with torch.no_grad():
+        assert loaded.kernel == 3 and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
     # a head on the prompt branch keeps its context, and its value depends on the prompt through the head too
     model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, context="prompt"))
     model.save_pretrained(tmp_path / "prompt")

@@ -141,7 +141,8 @@ def read_search(storage: Storage) -> SearchResult:
     init = load_safetensors(storage.read_bytes(f"{SEARCH}/init.safetensors", hint=needs("search")))
     return SearchResult(table=result["search"], i=result["pair"]["i"], j=result["pair"]["j"],
                         weight=init["weight"], bias=init["bias"], class_token=init["class_token"],
-                        factor=result.get("factor", 1), context=result.get("context", "empty"))
+                        factor=result.get("factor", 1), context=result.get("context", "empty"),
+                        kernel=result.get("kernel", 1), kernel_error=result.get("kernel_error"))
 
 
 def value_model_dir(storage: Storage) -> Path:

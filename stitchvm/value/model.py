@@ -37,7 +37,7 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
                  class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "empty",
-                 master_dtype: torch.dtype | None = None):
+                 master_dtype: torch.dtype | None = None, kernel: int = 1):
         """`master_dtype`: the trainable parts' weights; default float32, or the reward's dtype if wider (a float64
         test model). Counting mode on `meta`, where autocast does not exist and nothing trains, passes the reward's
         dtype so that they count as autocast would run them."""
@@ -50,8 +50,8 @@ class StitchedValueModel(nn.Module):
         self.reward = reward
         embeddings = reward.clip.vision_model.embeddings
         with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
-            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid, factor=factor).to(
-                reward.image_mean.device, master_dtype)
+            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid, factor=factor, kernel=kernel)
+            self.stitch.to(reward.image_mean.device, master_dtype)
         # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
         # Copies of the frozen reward's weights become master weights (float32 from a bf16 reward).
         cls = embeddings.class_embedding if class_token is None else class_token
@@ -69,6 +69,11 @@ class StitchedValueModel(nn.Module):
     def factor(self) -> int:
         """The stitch's sub-pixel factor (1: bilinear U)."""
         return self.stitch.factor
+
+    @property
+    def kernel(self) -> int:
+        """The stitch's F kernel size (1: METHOD.md's 1×1 conv)."""
+        return self.stitch.kernel
 
     def train(self, mode: bool = True) -> "StitchedValueModel":
         super().train(mode)
@@ -125,8 +130,8 @@ class StitchedValueModel(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------------------------------
     def config(self) -> dict:
-        return {"format": FORMAT, "i": self.i, "j": self.j, "factor": self.factor, "context": self.context,
-                "backbone": to_dict(self.backbone_spec), "reward": to_dict(self.reward_spec)}
+        return {"format": FORMAT, "i": self.i, "j": self.j, "factor": self.factor, "kernel": self.kernel,
+                "context": self.context, "backbone": to_dict(self.backbone_spec), "reward": to_dict(self.reward_spec)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k.startswith(TRAINABLE)}
@@ -153,7 +158,7 @@ class StitchedValueModel(nn.Module):
         backbone = _matching(backbone, bspec, "backbone", path) or build_backbone(bspec, device)
         reward = _matching(reward, rspec, "reward", path) or build_reward(rspec, device)
         model = cls(backbone, reward, cfg["i"], cfg["j"], factor=cfg.get("factor", 1),
-                    context=cfg.get("context", "empty"))
+                    context=cfg.get("context", "empty"), kernel=cfg.get("kernel", 1))
         state = load_file(str(weights), device=str(device))
         expected = model.trainable_state_dict()
         bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]

@@ -1,6 +1,9 @@
 """The stitching layer s(h) = U(F(h)) + G(U(F(h))) of METHOD.md.
 
-F: 1×1 conv (backbone width → reward width), initialised from the stage-1 least-squares fit.
+F: k×k conv on the backbone token grid (backbone width → reward width; k = `kernel`, METHOD.md's 1×1 by default),
+   initialised from the stage-1 least-squares fit. A token's own features do not fix the reward patches above it (the
+   VAE decoder spreads each latent pixel over its neighbours' pixels): on the embedded world a 3×3 neighbourhood
+   leaves 10% of the patch tokens' variance unexplained where the token alone leaves 49% (docs/results.md).
 U: bilinear resampling from the backbone token grid to the reward patch grid (area averaging where the token grid is
    at least twice as fine on both axes, e.g. SD3.5 at 1024²: 64×64 tokens onto CLIP's 16×16 patches; bilinear would
    read 2 of every 4 tokens per axis and alias). Where the reward grid is `factor` (≥ 2)
@@ -42,28 +45,54 @@ def resample(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
 
 
+def check_kernel(kernel: int) -> int:
+    if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"the stitch's kernel must be an odd integer >= 1 (a centred neighbourhood), got {kernel!r}")
+    return kernel
+
+
+def neighbourhoods(fmap: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(B, D, h, w) -> (B, D·k², h, w): each position's k×k neighbourhood (zero padded at the borders), channel
+    d·k² + (row · k + col) as a k×k conv's weight flattens, so that a linear map of these is that conv."""
+    if kernel == 1:
+        return fmap
+    b, d, h, w = fmap.shape
+    return F.unfold(fmap, kernel, padding=kernel // 2).view(b, d * kernel * kernel, h, w)
+
+
 class StitchingLayer(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], bottleneck: int = 8, factor: int = 1):
+    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], bottleneck: int = 8, factor: int = 1,
+                 kernel: int = 1):
         super().__init__()
         if factor < 1:
             raise ValueError(f"the sub-pixel factor must be >= 1, got {factor}")
+        check_kernel(kernel)
         self.out_grid, self.factor = tuple(out_grid), factor
         hidden = max(out_dim // bottleneck, 1)
-        self.proj = nn.Conv2d(in_dim, out_dim * factor * factor, 1)  # F (factor² sub-positions, pixel-shuffle order)
+        # F (factor² sub-positions, pixel-shuffle order); zero padding, as `neighbourhoods` fits it
+        self.proj = nn.Conv2d(in_dim, out_dim * factor * factor, kernel, padding=kernel // 2)
         self.residual = nn.Sequential(  # G
             nn.Conv2d(out_dim, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out_dim, 1), nn.SiLU()
         )
         nn.init.zeros_(self.residual[2].weight)
         nn.init.zeros_(self.residual[2].bias)
 
+    @property
+    def kernel(self) -> int:
+        """F's kernel size k (1: METHOD.md's 1×1 conv)."""
+        return self.proj.kernel_size[0]
+
     @torch.no_grad()
     def init_projection(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        """Set F from a least-squares fit: `weight` (in_dim, out) and `bias` (out,) with y = x @ W + b, where
-        out = factor² · reward width in `F.pixel_unshuffle` channel order (the reward width when factor = 1)."""
-        expected = (self.proj.in_channels, self.proj.out_channels)
+        """Set F from a least-squares fit: `weight` (in_dim · k², out) and `bias` (out,) with y = x @ W + b, x a
+        token's k×k neighbourhood in `neighbourhoods` order and out = factor² · reward width in `F.pixel_unshuffle`
+        channel order (the reward width when factor = 1)."""
+        k = self.kernel
+        expected = (self.proj.in_channels * k * k, self.proj.out_channels)
         if tuple(weight.shape) != expected:
-            raise ValueError(f"least-squares weight has shape {tuple(weight.shape)}, the stitch needs {expected}")
-        self.proj.weight.copy_(weight.T[:, :, None, None])
+            raise ValueError(f"least-squares weight has shape {tuple(weight.shape)}, the stitch needs {expected} "
+                             f"(its F is {k}×{k})")
+        self.proj.weight.copy_(weight.T.reshape(self.proj.weight.shape))
         self.proj.bias.copy_(bias)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
