@@ -8,7 +8,8 @@ from diffusers import FluxPipeline
 
 from stitchvm.config import ModelSpec
 from stitchvm.diffusion.sampling import cfg_velocity, encode_conditioning, sample
-from stitchvm.guidance.dps import shared_branch, stitchvm_value_and_grad
+from stitchvm.guidance.dps import stitchvm_value_and_grad
+from stitchvm.guidance.shared_branch import shared_branch
 from stitchvm.models.backbone import build_backbone, pack_latents, unpack_latents
 from stitchvm.value.model import StitchedValueModel
 

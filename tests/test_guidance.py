@@ -6,8 +6,9 @@ import torch
 from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec
 from stitchvm.diffusion.flow import tweedie_z0
-from stitchvm.guidance.dps import (dps_stitchvm, dps_tweedie, power, shared_branch, stitchvm_value_and_grad,
-                               tweedie_value_and_grad, window)
+from stitchvm.guidance.dps import (dps_stitchvm, dps_tweedie, power, stitchvm_value_and_grad, tweedie_value_and_grad,
+                                   window)
+from stitchvm.guidance.shared_branch import shared_branch
 from stitchvm.diffusion.sampling import (cfg_velocity, encode_conditioning, euler_step, initial_latents, sample, sde_step, timesteps)
 from stitchvm.value.model import StitchedValueModel
 

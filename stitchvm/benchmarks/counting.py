@@ -15,8 +15,10 @@ method is run through the library's own functions:
   resolutions): SD3.5-Large and FLUX.1-dev. FLUX.1-dev is guidance-distilled: its unguided step is one pass (no CFG
   pair), and DPS-StitchVM is counted with the head that shares that pass (the prompt branch at the sampler's embedded
   guidance) and with an empty-prompt head, whose i blocks are an extra forward.
-- `fk-tweedie` / `fk-stitchvm` (per particle, during the proposal phase): the CFG velocity, M proposal steps and the
-  M potentials `steering.tweedie_potential` / `steering.stitchvm_potential` (no autograd).
+- `fk-tweedie` / `fk-stitchvm` (per particle, during the proposal phase): the rest of the CFG velocity that the
+  previous step's look at z_t left to do, M proposal steps and the M looks of `guidance.fk.tweedie_potential` /
+  `stitchvm_potential` (no autograd): a look at a proposal is its potential together with the passes the next step's
+  velocity reuses (the Tweedie potential's conditional branch, the value head's i blocks).
 
 FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; elementwise ops count 0). Its
 module tracker is replaced by a no-op: the tracker raises when a module's input is a leaf that requires grad inside
@@ -44,7 +46,7 @@ from stitchvm.config import GuidanceConfig, ModelSpec, RewardSpec
 from stitchvm.guidance.dps import dps_stitchvm, dps_tweedie
 from stitchvm.models.reward import ClipReward, build_reward
 from stitchvm.diffusion.sampling import Conditioning, cfg_velocity, encode_conditioning, sde_step
-from stitchvm.guidance.fk import stitchvm_potential, tweedie_potential
+from stitchvm.guidance.fk import Look, stitchvm_potential, tweedie_potential
 from stitchvm.stages.tables import format_table
 from stitchvm.value.model import StitchedValueModel
 
@@ -133,7 +135,8 @@ class SavedActivations:
 
 # ---- one step of each method -----------------------------------------------------------------------------------
 def _step(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel, z: torch.Tensor,
-          t: torch.Tensor, cond: Conditioning, cfg: GuidanceConfig):
+          t: torch.Tensor, cond: Conditioning, cfg: GuidanceConfig, ahead: Look | None = None):
+    """One step of `method`; FK's step finishes the velocity from `ahead`, the previous step's look at (z, t)."""
     s, s_next = 0.5, 0.45
     if method == "unguided":
         with torch.no_grad():
@@ -144,12 +147,16 @@ def _step(method: str, backbone: Backbone, reward: ClipReward, value_model: Stit
         out = dps.value_and_grad(backbone, z, t, cond)  # what DPS.__call__ runs at a guided step
         with torch.no_grad():
             return sde_step(z, out.velocity - dps.scale * out.grad, s, s_next, cfg.eta)
-    potential = (tweedie_potential(backbone, reward) if method == "fk-tweedie" else stitchvm_potential(value_model))
+    potential = _fk_potential(method, backbone, reward, value_model)
     with torch.no_grad():  # fk_sample is no_grad throughout
-        u = cfg_velocity(backbone, z, t, cond.cond, cond.uncond, cond.scale)
+        u = ahead.velocity(torch.arange(z.shape[0]))  # what the previous step's look left to do (CPU rows: meta z)
         t_next = torch.full_like(t, s_next)
         cands = [sde_step(z, u, s, s_next, cfg.eta) for _ in range(cfg.proposals)]
-        return [potential(c, t_next, cond.prompts) for c in cands]
+        return [potential.look(backbone, c, t_next, cond).values for c in cands]
+
+
+def _fk_potential(method: str, backbone: Backbone, reward: ClipReward, value_model: StitchedValueModel):
+    return tweedie_potential(backbone, reward) if method == "fk-tweedie" else stitchvm_potential(value_model)
 
 
 def latent_size(backbone: Backbone, resolution: int) -> int:
@@ -173,8 +180,12 @@ def count_step(method: str, backbone: Backbone, reward: ClipReward, value_model:
     reward.text_embeds([PROMPT])  # the text tower runs once per prompt (cached), not per step
     saved = SavedActivations(backbone.transformer, backbone.vae, reward, value_model)
     start = time.perf_counter()
+    ahead = None
+    if method.startswith("fk-"):  # the look at (z, t) belongs to the previous step: not counted here
+        with torch.no_grad():
+            ahead = _fk_potential(method, backbone, reward, value_model).look(backbone, z, t, cond)
     with FusedAttention(), FlopCounter() as flops, saved():
-        _step(method, backbone, reward, value_model, z.view_as(z), t, cond, cfg)
+        _step(method, backbone, reward, value_model, z.view_as(z), t, cond, cfg, ahead)
     return {"method": method, "resolution": resolution, "tflops_per_step": flops.get_total_flops() / 1e12,
             "saved_activation_gb": saved.bytes / 2**30, "count_s": round(time.perf_counter() - start, 2)}
 

@@ -13,6 +13,7 @@ The Euler step `z' = z + (σ' - σ) u` with σ' < σ moves z by `(σ - σ') c_t 
   A guidance-distilled backbone (FLUX.1-dev) has no CFG pair: the step is one pass on the prompt with the scale
   embedded, so the head that shares it is a prompt head at the sampler's scale (the i blocks run with autograd inside
   that pass, nothing extra); an empty-prompt head there costs i extra blocks (it reads a branch nobody else runs).
+  The sharing itself lives in `guidance.shared_branch` (FK steering shares the same way).
 
 Guidance scale per step: c_t = scale · schedule(σ) (schedule None: constant). Where c_t = 0 the step is not
 guided at all: it is exactly the unguided CFG step and costs nothing extra.
@@ -27,6 +28,7 @@ from stitchvm.models.backbone import Backbone
 from stitchvm.diffusion.flow import tweedie_z0
 from stitchvm.models.reward import ClipReward, score_latents
 from stitchvm.diffusion.sampling import Conditioning, Guided, cfg_velocity, check_scale
+from stitchvm.guidance.shared_branch import cfg_velocity_sharing, finish, head_stream, needs_branch
 from stitchvm.value.model import StitchedValueModel
 
 ScaleSchedule = Callable[[float], float]
@@ -100,76 +102,18 @@ def dps_tweedie(reward: ClipReward, scale: float, schedule: ScaleSchedule | None
 
 
 # ---- DPS-StitchVM: the CFG branch shared with the value head -------------------------------------------------
-def check_compatible(value_model: StitchedValueModel, backbone: Backbone) -> None:
-    if value_model.backbone_spec != backbone.spec:
-        raise ValueError(f"the value model was built on backbone {value_model.backbone_spec.source!r} "
-                         f"({value_model.backbone_spec}), the sampler runs {backbone.spec.source!r} "
-                         f"({backbone.spec}): its head is not a branch of the sampler's")
-
-
-def shared_branch(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor, t: torch.Tensor,
-                  conditioning: Conditioning, finish: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One pass of the branch the value head reads (unconditional for an empty-prompt head, the conditional one with
-    the sampler's own prompt embeddings for a prompt head; on a guidance-distilled backbone, at the sampler's embedded
-    guidance scale): ((B, N, D) tokens u_{≤i}, (B, C, H, W) that branch's velocity).
-
-    Blocks 1..i run under the caller's grad mode (the tokens carry the autograd graph to z when z requires grad),
-    with the value head's own modules, exactly BackboneHead's math; blocks i+1..L, norm_out, proj_out and unpatchify
-    run on the detached stream without autograd, as the transformer does (`finish=False` skips them and returns None
-    for the velocity, when the step does not need this branch's velocity).
-    """
-    check_compatible(value_model, backbone)
-    head, family = value_model.head, backbone.family
-    ctx, pooled = head.conditioning(z.shape[0], cond=conditioning.cond if head.context == "prompt" else None)
-    guidance = conditioning.scale if family.distilled else None
-    stream = head.run(z, t, ctx, pooled, guidance)  # as BackboneHead.forward
-    if not finish:
-        return stream.h, None
-    with torch.no_grad():
-        h, ctx = stream.h.detach(), None if stream.ctx is None else stream.ctx.detach()
-        temb = stream.temb.detach()
-        for block in family.blocks[len(head.blocks):]:
-            ctx, h = family.run_block(block, h, ctx, temb, stream.rotary)
-        v = family.output(h, temb, tuple(z.shape[-2:]))
-    return stream.h, v
-
-
 def stitchvm_value_and_grad(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor,
                             t: torch.Tensor, conditioning: Conditioning) -> ValueGrad:
-    """∇_{z_t} V(z_t) through i blocks + stitch + tail, sharing the head's branch (module docstring)."""
-    if backbone.family.distilled:
-        return _distilled_value_and_grad(value_model, backbone, z, t, conditioning)
-    w, prompt_head = conditioning.scale, value_model.context == "prompt"
+    """∇_{z_t} V(z_t) through i blocks + stitch + tail, the i blocks shared with the step's CFG branch
+    (`guidance.shared_branch`): the rest of that branch and the other one run without autograd."""
     with torch.enable_grad():
         z_in = z.detach().requires_grad_(True)
-        tokens, v_shared = shared_branch(value_model, backbone, z_in, t, conditioning,
-                                         finish=w != 0 if prompt_head else w != 1)
-        value = value_model.value_from_head(tokens, tuple(z.shape[-2:]), conditioning.prompts)
+        stream = head_stream(value_model, backbone, z_in, t, conditioning)
+        value = value_model.value_from_head(stream.h, tuple(z.shape[-2:]), conditioning.prompts)
         (grad,) = torch.autograd.grad(value.sum(), z_in)
-    with torch.no_grad():
-        if prompt_head:
-            v_c, v_u = v_shared, backbone.velocity(z, t, *conditioning.uncond) if w != 1 else None
-        else:
-            v_u, v_c = v_shared, backbone.velocity(z, t, *conditioning.cond) if w != 0 else None
-        v = v_u if w == 0 else v_c if w == 1 else v_u + w * (v_c - v_u)
-    return ValueGrad(v, value.detach(), grad)
-
-
-def _distilled_value_and_grad(value_model: StitchedValueModel, backbone: Backbone, z: torch.Tensor,
-                              t: torch.Tensor, conditioning: Conditioning) -> ValueGrad:
-    """A guidance-distilled backbone (FLUX.1-dev) steps with one pass, on the prompt at the embedded scale w. A prompt
-    head reads exactly that pass and shares it (i blocks with autograd, the rest without: no extra forward). An
-    empty-prompt head reads a branch the sampler never runs: its i blocks are an extra forward on top of the full
-    prompt pass."""
-    prompt_head = value_model.context == "prompt"
-    with torch.enable_grad():
-        z_in = z.detach().requires_grad_(True)
-        tokens, v = shared_branch(value_model, backbone, z_in, t, conditioning, finish=prompt_head)
-        value = value_model.value_from_head(tokens, tuple(z.shape[-2:]), conditioning.prompts)
-        (grad,) = torch.autograd.grad(value.sum(), z_in)
-    if not prompt_head:
-        with torch.no_grad():
-            v = backbone.velocity(z, t, *conditioning.cond, guidance=conditioning.scale)
+    shared = (finish(backbone, stream, len(value_model.head.blocks), tuple(z.shape[-2:]))
+              if needs_branch(value_model, backbone, conditioning.scale) else None)
+    v = cfg_velocity_sharing(value_model, backbone, z, t, conditioning, shared)
     return ValueGrad(v, value.detach(), grad)
 
 

@@ -7,7 +7,7 @@ token itself and y the factor² reward patches under it (`pixel_unshuffle`), so 
 The fit streams over the probe set through the normal equations, so
 memory does not grow with the probe size. The normalised error is the fraction of y's variance left unexplained.
 
-With `kernel` k > 1 the chosen pair is fitted again, x then each token's k×k neighbourhood (`neighbourhoods`): the
+With `kernel` k > 1 the chosen pair is fitted again with x each token's k×k neighbourhood (`neighbourhoods`): the
 initialisation of a k×k F. The table itself stays 1×1 (the neighbourhood fit of every pair would hold depth × (k²·width)²
 sums: 1.5 GB per block for SD3.5 at k = 3), and the k×k fit has k² times the unknowns, so it needs a larger probe (on
 the embedded world, 3×3 fitted on 128 probes overfits: 1024 do).
