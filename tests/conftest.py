@@ -49,6 +49,16 @@ def latents(backbone, n, generator):
     return torch.randn(n, backbone.latent_channels, size, size, generator=generator)
 
 
+def perturbed(model, seed: int = 0):
+    """A value model moved off its initialisation (the zero-initialised residual G, as after finetuning), so that every
+    trainable part matters to its value and gradient; in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 def resumed_after_a_crash(backbone, reward, data, targets, cfg, checkpoint_dir, crash_step: int,
                           **kwargs) -> tuple[list[dict], StitchedValueModel]:
     """Train from scratch until an exception after step `crash_step`, then train a fresh model (a fresh process

@@ -13,7 +13,7 @@ from stitchvm.guidance.shared_branch import shared_branch
 from stitchvm.models.backbone import build_backbone, pack_latents, unpack_latents
 from stitchvm.value.model import StitchedValueModel
 
-from conftest import latents
+from conftest import latents, perturbed
 
 PROMPTS = ["a red square", "a blue circle"]
 W = 3.5  # FLUX.1-dev's default embedded guidance
@@ -25,15 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, 
 @pytest.fixture(scope="module")
 def flux():
     return build_backbone(ModelSpec("tiny:flux"))
-
-
-def perturbed(model: StitchedValueModel) -> StitchedValueModel:
-    """Off the zero-initialised residual, so every trainable part matters to the value and its gradient."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def test_packing_is_the_pipelines_and_round_trips(flux, gen):

@@ -12,7 +12,7 @@ from stitchvm.guidance.shared_branch import shared_branch
 from stitchvm.diffusion.sampling import (cfg_velocity, encode_conditioning, euler_step, initial_latents, sample, sde_step, timesteps)
 from stitchvm.value.model import StitchedValueModel
 
-from conftest import latents
+from conftest import latents, perturbed
 
 PROMPTS = ["a red square", "a blue circle"]
 CFG = 4.5
@@ -20,12 +20,7 @@ CFG = 4.5
 
 @pytest.fixture(scope="module")
 def value_model(backbone, reward):
-    model = StitchedValueModel(backbone, reward, 3, 2)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # move off the zero-initialised residual so every trainable part matters
-        for p in model.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturbed(StitchedValueModel(backbone, reward, 3, 2), seed=0)
 
 
 def seed(k=0):
@@ -87,12 +82,7 @@ def test_scale_zero_is_unguided_exactly(backbone, reward, value_model):
 @pytest.fixture(scope="module")
 def prompt_value_model(backbone, reward):
     """The value model on the prompt (conditional) branch, its trainable parts perturbed like `value_model`'s."""
-    model = StitchedValueModel(backbone, reward, 3, 2, context="prompt")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturbed(StitchedValueModel(backbone, reward, 3, 2, context="prompt"), seed=1)
 
 
 @pytest.mark.parametrize("i", [3, 6])

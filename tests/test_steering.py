@@ -5,7 +5,7 @@ from stitchvm.diffusion.sampling import cfg_velocity, encode_conditioning, sampl
 from stitchvm.guidance.fk import fk_sample, stitchvm_potential, tweedie_potential
 from stitchvm.value.model import StitchedValueModel
 
-from conftest import latents
+from conftest import latents, perturbed
 
 PROMPTS = ["a red square", "a blue circle"]
 
@@ -78,12 +78,7 @@ def test_final_selection_picks_the_best_particle_and_none_keeps_the_first(backbo
 
 
 def perturbed_value_model(backbone, reward, context):
-    model = StitchedValueModel(backbone, reward, 3, 2, context=context)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # off the zero-initialised residual, so that every trainable part matters
-        for p in model.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturbed(StitchedValueModel(backbone, reward, 3, 2, context=context), seed=2)
 
 
 @pytest.mark.parametrize("scale", [2.0, 1.0, 0.0])

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from stitchvm.stages import tracking
 from stitchvm.value.model import StitchedValueModel
+from conftest import perturbed
 
 NAME = "stitchvm-value"
 
@@ -30,12 +31,7 @@ np.save(sys.argv[3], model.predict({key: inputs[key] for key in ("latents", "t",
 
 def perturbed_model(backbone, reward) -> StitchedValueModel:
     """A value model whose trainable parameters differ from their initialisation (as after finetuning)."""
-    model = StitchedValueModel(backbone, reward, i=2, j=1)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return perturbed(StitchedValueModel(backbone, reward, i=2, j=1), seed=7)
 
 
 def example_inputs(backbone) -> dict[str, np.ndarray]:

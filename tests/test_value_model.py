@@ -8,19 +8,11 @@ from stitchvm.models.backbone import build_backbone
 from stitchvm.config import ModelSpec
 from stitchvm.value.model import StitchedValueModel
 
-from conftest import latents
-
-
-def _perturbed(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+from conftest import latents, perturbed
 
 
 def test_value_gradient_matches_finite_differences(backbone, reward, gen):
-    model = copy.deepcopy(_perturbed(StitchedValueModel(backbone, reward, 2, 2))).double()
+    model = copy.deepcopy(perturbed(StitchedValueModel(backbone, reward, 2, 2))).double()
     model.reward._text_cache.clear()  # cached text embeddings were float32
     z = latents(backbone, 2, gen).double().requires_grad_(True)
     t = torch.tensor([0.3, 0.7], dtype=torch.float64)
@@ -39,7 +31,7 @@ def test_value_gradient_matches_finite_differences(backbone, reward, gen):
 
 
 def test_save_load_round_trip(tmp_path, backbone, reward, gen):
-    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2))
+    model = perturbed(StitchedValueModel(backbone, reward, 3, 2))
     model.save_pretrained(tmp_path / "vm")
     cfg = json.loads((tmp_path / "vm" / "config.json").read_text())
     assert cfg["i"] == 3 and cfg["j"] == 2 and cfg["backbone"]["source"] == "tiny:sd3"
@@ -50,21 +42,21 @@ def test_save_load_round_trip(tmp_path, backbone, reward, gen):
         assert torch.equal(model(z, t, prompts), loaded(z, t, prompts))
     assert set(model.trainable_state_dict()) == set(loaded.trainable_state_dict())
     # a sub-pixel stitch (6×6 latents: 3×3 tokens under the 6×6 reward grid) keeps its factor
-    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, factor=2))
+    model = perturbed(StitchedValueModel(backbone, reward, 3, 2, factor=2))
     model.save_pretrained(tmp_path / "subpixel")
     loaded = StitchedValueModel.from_pretrained(tmp_path / "subpixel")
     z = torch.randn(3, backbone.latent_channels, 6, 6, generator=gen)
     with torch.no_grad():
         assert loaded.factor == 2 and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
     # a k×k stitch keeps its kernel
-    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, kernel=3))
+    model = perturbed(StitchedValueModel(backbone, reward, 3, 2, kernel=3))
     model.save_pretrained(tmp_path / "kernel")
     loaded = StitchedValueModel.from_pretrained(tmp_path / "kernel")
     z = latents(backbone, 3, gen)
     with torch.no_grad():
         assert loaded.kernel == 3 and torch.equal(model(z, t, prompts), loaded(z, t, prompts))
     # a head on the prompt branch keeps its context, and its value depends on the prompt through the head too
-    model = _perturbed(StitchedValueModel(backbone, reward, 3, 2, context="prompt"))
+    model = perturbed(StitchedValueModel(backbone, reward, 3, 2, context="prompt"))
     model.save_pretrained(tmp_path / "prompt")
     loaded = StitchedValueModel.from_pretrained(tmp_path / "prompt")
     z = latents(backbone, 3, gen)
