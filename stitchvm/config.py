@@ -243,9 +243,31 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Stage 2 (distillation); defaults are the paper's recipe for CLIP ViT-L on SD3.5-M."""
+class FitConfig:
+    """Stage 1b (`train.fit`, value/token_fit.py): F and G fitted to the teacher's tokens entering block j by Adam,
+    `steps` steps (0: off, METHOD.md's recipe) of `batch_size` latents at `lr` (linear warm-up over `warmup_steps`,
+    then cosine decay to 5 %); t is drawn as stage 2 draws it (train.sigma_logit_mean / std)."""
 
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+
+    def __post_init__(self):
+        _check(self.steps >= 0, f"steps must be >= 0 (0 turns the token fit off), got {self.steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The stitch's G (`residual_width`, 0: METHOD.md's reward width / 8; `residual_kernel`), stage 1b (`fit`: the
+    token fit) and stage 2 (distillation, `steps` ≥ 0); defaults are the paper's recipe for CLIP ViT-L on SD3.5-M."""
+
+    residual_width: int = 0
+    residual_kernel: int = 1
+    fit: FitConfig = field(default_factory=FitConfig)
     steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-5
@@ -264,7 +286,11 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers reading the training rows from the shards (0: the training process)
 
     def __post_init__(self):
-        _check(self.steps >= 1, "steps must be >= 1")
+        _check(self.steps >= 0, "steps must be >= 0 (0: no stage 2)")
+        _check(self.residual_width >= 0, f"residual_width must be >= 0 (0: the reward width / 8), got "
+                                         f"{self.residual_width}")
+        _check(self.residual_kernel >= 1 and self.residual_kernel % 2 == 1,
+               f"residual_kernel must be an odd integer >= 1, got {self.residual_kernel}")
         _check(self.num_workers >= 0, "num_workers must be >= 0")
         _check(self.batch_size >= 1, "batch_size must be >= 1")
         _check(self.lr > 0, "lr must be > 0")

@@ -28,7 +28,7 @@ REDUCED = {
     "samples": {"source": "smooth", "per_prompt": 8},
     "noisy": {"probe_size": 16, "sigmas": [0.1, 0.5, 0.9]},
     "search": {"j_max": 2, "batch_size": 8},
-    "train": {"steps": 12, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 6},
+    "train": {"steps": 12, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 6, "fit": {"steps": 4, "batch_size": 8}},
     "evaluate": {"batch_size": 8, "mc_rollouts": 2, "mc_sigmas": [0.5]},
     "guidance": {"steps": 3, "prompts": 2, "per_prompt": 1, "particles": 2, "best_of_n": 2},
     "align": {"method": "nft-stitchvm", "updates": 2, "prompts_per_update": 1, "group_size": 2, "steps": 4,

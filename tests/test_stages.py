@@ -21,7 +21,8 @@ SMALL = {
     "storage": {"shard_size": 5},
     "noisy": {"probe_size": 8, "sigmas": [0.25, 0.5]},
     "search": {"j_max": 2, "batch_size": 8},
-    "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 3},
+    "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 3,
+              "residual_width": 8, "residual_kernel": 3, "fit": {"steps": 3, "batch_size": 4}},
     "evaluate": {"batch_size": 8, "gate_sigma": 0.5},
 }
 
@@ -141,6 +142,37 @@ def test_a_noisy_set_left_short_is_refused_by_its_readers(tmp_path):
         storage.remove(shard_index_name(name, expected[name] - 1))
         with pytest.raises(FileNotFoundError, match=rf"shard\(s\) {expected[name] - 1} of {expected[name]}"):
             stage(reader).run(params, paths, progress=False)
+
+
+def test_train_fits_the_stitch_keeps_the_fit_for_a_resume_and_saves_g(tmp_path):
+    """Stage 1b inside `train`: its result is kept in the checkpoint folder, and a run that finds it (a resume after a
+    kill) takes it instead of fitting again; the summary reports the fit and the saved model carries G's shape."""
+    from stitchvm.stages.runtime import models
+    from stitchvm.stages.train import fitted_stitch
+    from stitchvm.stages.upstream import TRAIN_SUMMARY, VALUE_MODEL, read_search
+    from stitchvm.value.search import stitched_from_search
+
+    params = small_params(str(tmp_path / "data"))
+    paths = Paths.from_params(params, reports=tmp_path / "reports", checkpoints=tmp_path / "ckpt", track=False)
+    for name in ("prompts", "samples", "labels", "noisy", "search"):
+        stage(name).run(params, paths, progress=False)
+    backbone, reward = models(params)
+    fresh = lambda: stitched_from_search(backbone, reward, read_search(paths.storage()), 8, 3)  # noqa: E731
+    first, ckpt = fresh(), tmp_path / "ckpt" / "fit-test"
+    history = fitted_stitch(first, backbone, params, paths, ckpt, progress=False)
+    assert [r["step"] for r in history] == [1, 2, 3] and (ckpt / "fit" / "stitch.safetensors").is_file()
+    resumed = fresh()
+    assert fitted_stitch(resumed, backbone, params, paths, ckpt, progress=False) == history
+    assert all(torch.equal(a, b) for a, b in zip(resumed.stitch.state_dict().values(),
+                                                 first.stitch.state_dict().values()))
+    assert not torch.equal(fresh().stitch.proj.weight, first.stitch.proj.weight)  # the fit did move it
+
+    stage("train").run(params, paths, progress=False)
+    storage = paths.storage()
+    summary = storage.read_json(TRAIN_SUMMARY)
+    assert summary["fit"]["steps"] == 3 and summary["fit"]["final_error"] > 0
+    config = json.loads(storage.read_bytes(f"{VALUE_MODEL}/config.json"))
+    assert config["residual"] == {"width": 8, "kernel": 3}
 
 
 def test_cli_reports_a_missing_upstream_output(tmp_path):

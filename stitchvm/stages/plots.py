@@ -38,10 +38,10 @@ def search_heatmap(table: list[dict], chosen: tuple[int, int]) -> bytes:
 def training_curve(history: list[dict], keys=("loss", "embed", "tokens", "score"),
                    title: str = "distillation loss") -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [r["step"] for r in history]
-    for key in keys:
-        if history and key in history[0]:
-            ax.plot(steps, [r[key] for r in history], label=key, lw=1)
+    for key in keys:  # each key over the rows that have it (the token fit's rows, then stage 2's)
+        rows = [r for r in history if key in r]
+        if rows:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key, lw=1)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend()

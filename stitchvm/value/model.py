@@ -37,8 +37,9 @@ TRAINABLE = ("stitch.", "class_token", "position_embedding", "tail.")
 class StitchedValueModel(nn.Module):
     def __init__(self, backbone: Backbone, reward: ClipReward, i: int, j: int,
                  class_token: torch.Tensor | None = None, seed: int = 0, factor: int = 1, context: str = "empty",
-                 master_dtype: torch.dtype | None = None, kernel: int = 1):
-        """`master_dtype`: the trainable parts' weights; default float32, or the reward's dtype if wider (a float64
+                 master_dtype: torch.dtype | None = None, kernel: int = 1, residual_width: int | None = None,
+                 residual_kernel: int = 1):
+        """`kernel`, `residual_width`, `residual_kernel`: the stitch's F and G (stitching.py). `master_dtype`: the trainable parts' weights; default float32, or the reward's dtype if wider (a float64
         test model). Counting mode on `meta`, where autocast does not exist and nothing trains, passes the reward's
         dtype so that they count as autocast would run them."""
         super().__init__()
@@ -50,7 +51,8 @@ class StitchedValueModel(nn.Module):
         self.reward = reward
         embeddings = reward.clip.vision_model.embeddings
         with seeded(seed):  # G's first conv is randomly initialised; runs must not depend on the global RNG
-            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid, factor=factor, kernel=kernel)
+            self.stitch = StitchingLayer(backbone.width, reward.width, reward.grid, factor=factor, kernel=kernel,
+                                         residual_width=residual_width, residual_kernel=residual_kernel)
             self.stitch.to(reward.image_mean.device, master_dtype)
         # For j > 1 the class token entering block j depends on the image; it is learned (search gives its mean).
         # Copies of the frozen reward's weights become master weights (float32 from a bf16 reward).
@@ -131,6 +133,7 @@ class StitchedValueModel(nn.Module):
     # ---- persistence -------------------------------------------------------------------------------------------
     def config(self) -> dict:
         return {"format": FORMAT, "i": self.i, "j": self.j, "factor": self.factor, "kernel": self.kernel,
+                "residual": {"width": self.stitch.residual_width, "kernel": self.stitch.residual_kernel},
                 "context": self.context, "backbone": to_dict(self.backbone_spec), "reward": to_dict(self.reward_spec)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -157,8 +160,10 @@ class StitchedValueModel(nn.Module):
         bspec, rspec = from_dict(ModelSpec, cfg["backbone"]), from_dict(RewardSpec, cfg["reward"])
         backbone = _matching(backbone, bspec, "backbone", path) or build_backbone(bspec, device)
         reward = _matching(reward, rspec, "reward", path) or build_reward(rspec, device)
+        residual = cfg.get("residual", {})  # absent in models saved before G was configurable: METHOD.md's G
         model = cls(backbone, reward, cfg["i"], cfg["j"], factor=cfg.get("factor", 1),
-                    context=cfg.get("context", "empty"), kernel=cfg.get("kernel", 1))
+                    context=cfg.get("context", "empty"), kernel=cfg.get("kernel", 1),
+                    residual_width=residual.get("width"), residual_kernel=residual.get("kernel", 1))
         state = load_file(str(weights), device=str(device))
         expected = model.trainable_state_dict()
         bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]

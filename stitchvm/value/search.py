@@ -184,9 +184,12 @@ def fit_kernel(backbone: Backbone, reward: ClipReward, head: BackboneHead, z0: t
     return w, err
 
 
-def stitched_from_search(backbone: Backbone, reward: ClipReward, result: SearchResult) -> StitchedValueModel:
-    """The value model at the chosen (i, j), with F set to the least-squares map (so at init s = U∘F = the fit)."""
+def stitched_from_search(backbone: Backbone, reward: ClipReward, result: SearchResult,
+                         residual_width: int | None = None, residual_kernel: int = 1) -> StitchedValueModel:
+    """The value model at the chosen (i, j), with F set to the least-squares map (so at init s = U∘F = the fit);
+    G's shape as given (stitching.py)."""
     model = StitchedValueModel(backbone, reward, result.i, result.j, class_token=result.class_token.float(),
-                               factor=result.factor, context=result.context, kernel=result.kernel)
+                               factor=result.factor, context=result.context, kernel=result.kernel,
+                               residual_width=residual_width, residual_kernel=residual_kernel)
     model.stitch.init_projection(result.weight.float(), result.bias.float())
     return model

@@ -12,7 +12,9 @@ U: bilinear resampling from the backbone token grid to the reward patch grid (ar
    sub-pixel instead: F predicts all factor² patches of its token (width factor²·reward width, each sub-position
    fitted by least squares in stage 1) and a pixel shuffle lays them out; bilinear resampling then covers any
    remaining mismatch (another latent size).
-G: residual bottleneck MLP (1×1 conv → SiLU → 1×1 conv → SiLU) whose last conv starts at zero, so s = U∘F at init.
+G: residual MLP of convs on the reward grid (conv → SiLU → conv → SiLU) whose last conv starts at zero, so s = U∘F at
+   init. METHOD.md's G is a 1:8 bottleneck of 1×1 convs (`residual_width` None, `residual_kernel` 1); fitted to the
+   teacher's tokens (token_fit.py), a wider 3×3 G reproduces them better (docs/results.md).
 """
 from __future__ import annotations
 
@@ -61,18 +63,24 @@ def neighbourhoods(fmap: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 class StitchingLayer(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], bottleneck: int = 8, factor: int = 1,
-                 kernel: int = 1):
+    def __init__(self, in_dim: int, out_dim: int, out_grid: tuple[int, int], factor: int = 1, kernel: int = 1,
+                 residual_width: int | None = None, residual_kernel: int = 1):
+        """`residual_width`: G's hidden width (None: METHOD.md's out_dim / 8); `residual_kernel`: its convs' size."""
         super().__init__()
         if factor < 1:
             raise ValueError(f"the sub-pixel factor must be >= 1, got {factor}")
         check_kernel(kernel)
+        check_kernel(residual_kernel)
+        if residual_width is not None and residual_width < 1:
+            raise ValueError(f"the stitch's residual width must be >= 1, got {residual_width}")
         self.out_grid, self.factor = tuple(out_grid), factor
-        hidden = max(out_dim // bottleneck, 1)
+        hidden = residual_width or max(out_dim // 8, 1)
         # F (factor² sub-positions, pixel-shuffle order); zero padding, as `neighbourhoods` fits it
         self.proj = nn.Conv2d(in_dim, out_dim * factor * factor, kernel, padding=kernel // 2)
+        pad = residual_kernel // 2
         self.residual = nn.Sequential(  # G
-            nn.Conv2d(out_dim, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out_dim, 1), nn.SiLU()
+            nn.Conv2d(out_dim, hidden, residual_kernel, padding=pad), nn.SiLU(),
+            nn.Conv2d(hidden, out_dim, residual_kernel, padding=pad), nn.SiLU()
         )
         nn.init.zeros_(self.residual[2].weight)
         nn.init.zeros_(self.residual[2].bias)
@@ -81,6 +89,16 @@ class StitchingLayer(nn.Module):
     def kernel(self) -> int:
         """F's kernel size k (1: METHOD.md's 1×1 conv)."""
         return self.proj.kernel_size[0]
+
+    @property
+    def residual_width(self) -> int:
+        """G's hidden width."""
+        return self.residual[0].out_channels
+
+    @property
+    def residual_kernel(self) -> int:
+        """G's conv size (1: METHOD.md's 1×1 convs)."""
+        return self.residual[0].kernel_size[0]
 
     @torch.no_grad()
     def init_projection(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
