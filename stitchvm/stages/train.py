@@ -113,7 +113,7 @@ def fitted_stitch(model, backbone, params: Params, paths: Paths, ckpt: Path, pro
     storage = paths.storage()
     latents, index = stream_split(storage, params, "train")
     z0 = gather_rows(latents, params.train.num_workers)["latents"]  # (N, C, H, W)
-    targets = entry_tokens(backbone, model.reward, z0, model.j, params.search.batch_size, progress)
+    targets = entry_tokens(backbone, model.reward, z0, model.j, params.train.fit.batch_size, progress)
     history = fit_stitch(model, z0, targets, cfg, (params.train.sigma_logit_mean, params.train.sigma_logit_std),
                          params.seed, index.column("prompt").to_pylist(), progress)
     if distributed.is_main():
