@@ -41,8 +41,8 @@ def train(stitchvm: StitchVMResource, mlflow: MlflowResource) -> MaterializeResu
         "steps": summary["steps"],
         "seconds": summary["seconds"],
         "samples_per_s": summary["samples_per_s"],
-        "first_loss": summary["first_loss"],
-        "final_loss": summary["final_loss"],
+        **{k: summary[k] for k in ("first_loss", "final_loss") if summary[k] is not None},  # None: no stage 2
+        "fit": MetadataValue.json(summary["fit"]),  # stage 1b: its steps and its first and final normalised error
         "pair": MetadataValue.json(summary["pair"]),
         "path": MetadataValue.path(paths.storage().path(VALUE_MODEL)),  # absolute (the run record's is relative)
         "curve": png_md(paths.storage().read_bytes("train/curve.png"), "training curve"),

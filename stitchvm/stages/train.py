@@ -167,7 +167,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                                  title="token fit (fit_error), then distillation" if fit else "distillation loss")
     storage.write_bytes_atomic("train/curve.png", curve)
     summary = {"steps": params.train.steps, "seconds": round(seconds, 3),
-               "samples_per_s": round(len(history) * params.train.batch_size / max(seconds, 1e-9), 2),
+               "samples_per_s": round((len(fit) * params.train.fit.batch_size + len(history) * params.train.batch_size)
+                                      / max(seconds, 1e-9), 2),  # the fit's latents and stage 2's
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
                "fit": {"steps": len(fit), "first_error": fit[0]["fit_error"] if fit else None,
