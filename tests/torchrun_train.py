@@ -1,4 +1,4 @@
-"""One training run of a tiny float64 value model, as tests/test_distributed.py launches it: plain `python` (one
+"""One training run of a tiny float64 value model (the token fit, then stage 2), as tests/test_distributed.py launches it: plain `python` (one
 process) or under torchrun (`python -m torch.distributed.run --nproc-per-node=2 tests/torchrun_train.py OUT CKPT`).
 Rank 0 writes OUT/weights.safetensors (the trainable weights) and OUT/history.json at the end.
 
@@ -19,16 +19,18 @@ import torch
 from safetensors.torch import save_file
 
 from stitchvm import distributed
-from stitchvm.config import ModelSpec, RewardSpec, TrainConfig
+from stitchvm.config import FitConfig, ModelSpec, RewardSpec, TrainConfig
 from stitchvm.models.backbone import build_backbone
 from stitchvm.models.reward import build_reward
 from stitchvm.value.model import StitchedValueModel
+from stitchvm.value.token_fit import entry_tokens, fit_stitch
 from stitchvm.value.training import teacher_targets, train_value_model
 
 PROMPTS = ["a red square", "a green square", "a blue square", "a yellow square"]
 # 4 groups of 2 per step, i.e. 2 whole groups per rank on 2 ranks; checkpoints at steps 2, 4, 6
 CONFIG = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=2, group_size=2,
                      lambda_rank=0.5)
+FIT = FitConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1)  # 4 latents per rank on 2 ranks
 
 
 def float64_models():
@@ -79,7 +81,9 @@ def main(out: Path, ckpt: Path) -> None:
     z0 = torch.randn(16, backbone.latent_channels, 16, 16, generator=gen, dtype=torch.float64)  # (N, C, h, w)
     prompts = [PROMPTS[k % 4] for k in range(16)]
     targets = teacher_targets(backbone, reward, z0, 8)
-    model = StitchedValueModel(backbone, reward, 2, 1)
+    model = StitchedValueModel(backbone, reward, 2, 1, residual_width=6, residual_kernel=3)
+    fit_stitch(model, z0, entry_tokens(backbone, reward, z0, 1, 8, progress=False), FIT, (0.0, 1.0), seed=3,
+               progress=False)  # a resumed run fits again: the same stitch, which stage 2's checkpoint then replaces
     history = train_value_model(model, z0, targets, CONFIG, seed=5, checkpoint_dir=ckpt, progress=False,
                                 on_step=fault(out, pids), prompts=prompts)
     if distributed.is_main():
