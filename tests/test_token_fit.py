@@ -38,7 +38,7 @@ def test_the_first_step_scores_the_stitched_tokens_against_the_teachers(backbone
     z_t = forward_noise(z0[idx], t, torch.randn((6, *z0.shape[1:]), generator=g))
     with torch.no_grad():
         student = before.stitch_tokens(z_t, t, [prompts[k] for k in idx.tolist()]) - before.position_embedding
-        pos = reward.clip.vision_model.embeddings.position_embedding.weight  # the teacher's (perturbed moved the model's)
+        pos = reward.clip.vision_model.embeddings.position_embedding.weight  # the teacher's (perturbed moved ours)
         teacher = reward.tokens_entering(backbone.decode(z0[idx]), model.j) - pos
     expected = (student[:, 1:] - teacher[:, 1:]).pow(2).mean().item()
     assert row["fit"] == pytest.approx(expected, rel=1e-5)
@@ -62,7 +62,8 @@ def test_the_fit_lowers_the_error_trains_only_the_stitch_and_repeats(backbone, r
 
     again = copy.deepcopy(start)
     fit_stitch(again, z0, targets, cfg, SIGMA, seed=0, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(again.stitch.state_dict().values(), model.stitch.state_dict().values()))
+    fitted = model.stitch.state_dict()
+    assert all(torch.equal(v, fitted[k]) for k, v in again.stitch.state_dict().items())
 
 
 def test_mismatched_inputs_are_refused(backbone, reward, gen):

@@ -1,13 +1,15 @@
 """Stage `train`: the stitched model from the search's initialisation, its stitch fitted to the teacher's tokens
-(stage 1b, `train.fit`, value/token_fit.py) and then distilled (stage 2, `train.steps`); logged and registered in MLflow.
+(stage 1b, `train.fit`, value/token_fit.py), then distilled (stage 2, `train.steps`); logged and registered in MLflow.
 
-Writes `value_model/`, `train/curve.png` and `train/summary.json` (steps, first and final loss, the pair: nothing that
-differs between two identical runs); the run's wall time, throughput, where the model went and its MLflow run and
-registered version go to the run record `reports/runs/train.json` (stitchvm/stages/run_record.py). Returns both.
+Writes `value_model/`, `train/curve.png` and `train/summary.json` (steps, first and final loss, the fit's first and
+final error, the pair: nothing that differs between two identical runs); the run's wall time, throughput, where the
+model went and its MLflow run and registered version go to the run record `reports/runs/train.json`
+(stitchvm/stages/run_record.py). Returns both.
 
 A killed run resumes from its last checkpoint, and its outputs equal an uninterrupted run's: the checkpoint folder
-keeps the fitted stitch (a kill during the fit fits again from the start), the history of the steps before it (the curve and the first loss), and the frozen encoders' prompt caches
-are filled in one fixed order first (an embedding's last bit depends on the prompts it is encoded with)."""
+keeps the fitted stitch (a kill during the fit fits again from the start) and the history of the steps before the
+checkpoint (the curve and the first loss), and the frozen encoders' prompt caches are filled in one fixed order first
+(an embedding's last bit depends on the prompts it is encoded with)."""
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +24,6 @@ from safetensors.torch import load, save
 
 from stitchvm import distributed
 from stitchvm.stages import plots
-
 from stitchvm.config import Params, to_dict
 from stitchvm.data.shard_dataset import gather_rows
 from stitchvm.data.storage import open_root
@@ -113,7 +114,7 @@ def fitted_stitch(model, backbone, params: Params, paths: Paths, ckpt: Path, pro
     storage = paths.storage()
     latents, index = stream_split(storage, params, "train")
     z0 = gather_rows(latents, params.train.num_workers)["latents"]  # (N, C, H, W)
-    targets = entry_tokens(backbone, model.reward, z0, model.j, params.train.fit.batch_size, progress)
+    targets = entry_tokens(backbone, model.reward, z0, model.j, cfg.batch_size, progress)
     history = fit_stitch(model, z0, targets, cfg, (params.train.sigma_logit_mean, params.train.sigma_logit_std),
                          params.seed, index.column("prompt").to_pylist(), progress)
     if distributed.is_main():
@@ -176,8 +177,8 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                "pair": {"i": model.i, "j": model.j}, "path": repo_relative(storage.path(VALUE_MODEL)),
                "run_id": None, "model_version": None}
     if paths.track:
-        summary.update(track_training(params, model, fit, history, summary, storage.read_bytes(f"{SEARCH}/heatmap.png"),
-                                      curve))
+        heatmap = storage.read_bytes(f"{SEARCH}/heatmap.png")
+        summary.update(track_training(params, model, fit, history, summary, heatmap, curve))
     report, record = split_fields(summary, RUN_FIELDS)
     storage.write_json(TRAIN_SUMMARY, report)
     write_record(paths.reports, "train", record)
