@@ -9,7 +9,9 @@ largest of the process and the loader workers it waited for). Modes: `stream` is
 the shards as batches need them, `stitchvm/data/shard_dataset.py`); `in-memory` is the same stage with the reader
 that held every row first (`read_split` into `TensorRows`: the batches are the same, and each row's
 `weights_sha256` of the trained value model shows it). The report's `ratio` is each mode's peak at the largest
-per_prompt over its peak at the smallest; the issue's bar is <= 1.2 for `stream`.
+per_prompt over its peak at the smallest; the issue's bar is <= 1.2 for `stream`. The token fit (`train.fit`,
+value/token_fit.py) does not stream: it holds the split's latents and the teacher's entry tokens (N · P · D values),
+so with `train.fit.steps` > 0 the `stream` peak grows with the data too.
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def child(spec: dict) -> None:
     """The measured process: the `train` stage on the spec's root, with the reader its mode names."""
     import torch
 
-    from stitchvm.data.shard_dataset import TensorRows
+    from stitchvm.data.shard_dataset import TensorRows, gather_rows
     from stitchvm.stages import train
     from stitchvm.stages.runtime import Paths
     from stitchvm.stages.upstream import read_split
@@ -75,10 +77,16 @@ def child(spec: dict) -> None:
     root = Path(spec["root"])
     if spec["mode"] == "in-memory":
         def in_memory(storage, params, split, labels=False, cache_shards=4):
+            if not labels:  # the token fit's latents
+                z0, index = read_split(storage, params, split)
+                return TensorRows({"latents": z0}), index
             z0, index, targets, _ = read_split(storage, params, split, labels=labels)
             rows = {"latents": z0, "embeds": targets.embeds, "tokens": targets.tokens}
             return TensorRows(rows if targets.scores is None else {**rows, "score": targets.scores}), index
-        train.stream_split = in_memory
+
+        def gather_in_memory(rows, num_workers=0):  # the fit gathers its latents: here they are held already
+            return rows.tensors if isinstance(rows, TensorRows) else gather_rows(rows, num_workers)
+        train.stream_split, train.gather_rows = in_memory, gather_in_memory
     paths = Paths(root=str(root / "data"), reports=root / f"reports-{spec['mode']}",
                   checkpoints=root / f"checkpoints-{spec['mode']}", track=False)
     train.run(params, paths, progress=False)
