@@ -33,7 +33,7 @@ def test_bench_value_trains_each_variant_against_one_monte_carlo_value(tmp_path,
         paths = Paths.from_params(params, reports=tmp_path / "reports", track=False)
         for name in ("prompts", "samples", "labels", "noisy", "search"):
             stage(name).run(params, paths, progress=False)
-        variants = ["distill", "prompt-head+rank"]
+        variants = ["distill", "prompt-head+rank", "fit-wide"]
         report = bench(str(profile), tmp_path / "bench.json", steps=3, variants=variants, progress=False)
         stage("train").run(params, paths, progress=False)
         truth = bench_truth(str(profile), tmp_path / "truth.json", rollouts=4, progress=False)
@@ -43,7 +43,8 @@ def test_bench_value_trains_each_variant_against_one_monte_carlo_value(tmp_path,
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(report))
     rows = report["rows"]
     assert [(r["method"], r["variant"]) for r in rows] == [
-        ("monte-carlo", "-"), ("tweedie", "-"), ("stitchvm", "distill"), ("stitchvm", "prompt-head+rank")]
+        ("monte-carlo", "-"), ("tweedie", "-"), ("stitchvm", "distill"), ("stitchvm", "fit-wide"),
+        ("stitchvm", "prompt-head+rank")]
     assert all(-1 <= r["spearman_within_prompt"] <= 1 for r in rows)
     assert all("spearman_within_prompt_vs_mc" in r for r in rows if r["method"] != "monte-carlo")
     assert report["variants"] == {v: VARIANTS[v] for v in variants} and set(report["train_seconds"]) == set(variants)
@@ -57,6 +58,21 @@ def test_bench_value_trains_each_variant_against_one_monte_carlo_value(tmp_path,
     assert all(-1 <= r["vs_mc"] <= 1 and -1 <= r["split_half"] <= 1 for r in truth["rows"])
     with pytest.raises(ValueError, match="even integer"):
         bench_truth(str(profile), tmp_path / "x.json", rollouts=3)
+
+
+def test_variant_configs_change_the_profiles_train_section_as_they_say():
+    from stitchvm.benchmarks.value import variant_config
+
+    train = load_params("params.yaml").train
+    assert variant_config(train, "fit", None) == (train, (None, 3))  # `fit` is the default profile's own recipe
+    cfg, key = variant_config(train, "fit-half-lr2x", None)
+    assert (cfg.steps, cfg.fit.steps, cfg.fit.lr, cfg.fit.batch_size, cfg.residual_width) == (0, 3000, 2e-3, 16, 192)
+    assert key == (None, 3)
+    cfg, _ = variant_config(train, "fit-wide", steps=7)  # --steps: the fit's steps; stage 2 stays off
+    assert (cfg.steps, cfg.fit.steps, cfg.residual_width, cfg.sigma_logit_mean) == (0, 7, 384, -1.0)
+    cfg, key = variant_config(train, "prompt-head+rank", steps=7)  # a distillation: stage 2's steps, no fit
+    assert (cfg.steps, cfg.fit.steps, cfg.lambda_rank, cfg.residual_width, cfg.residual_kernel) == (7, 0, 1.0, 0, 1)
+    assert key == ("prompt", 1) and train.fit.steps == 6000  # the profile's own config untouched
 
 
 def test_reliability_rows_follow_spearman_brown_and_the_attenuation_formula():

@@ -175,6 +175,14 @@ def test_train_fits_the_stitch_keeps_the_fit_for_a_resume_and_saves_g(tmp_path):
     assert config["residual"] == {"width": 8, "kernel": 3}
 
 
+def test_the_fits_final_error_is_the_mean_of_its_last_steps():
+    from stitchvm.stages.train import FINAL_WINDOW, final_error
+
+    fit = [{"step": k + 1, "fit_error": float(k)} for k in range(FINAL_WINDOW + 50)]
+    assert final_error(fit) == sum(range(50, FINAL_WINDOW + 50)) / FINAL_WINDOW  # the first 50 steps left out
+    assert final_error(fit[:3]) == 1.0 and final_error([]) is None  # a short fit: all of its steps
+
+
 def test_cli_reports_a_missing_upstream_output(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**SMALL, "storage": {"root": str(tmp_path / "data")}}))

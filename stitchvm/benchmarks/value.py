@@ -29,6 +29,16 @@ the tweedie and monte-carlo rows once per σ (they do not depend on the variant)
 - k3: grouped+rank0.3 with a 3×3 F fitted by least squares (`search.kernel: 3`; the search is re-run on the stored
   probe set when params hold another kernel) and a low learning rate (1e-4, the stitch at 10×) that keeps that start.
 - k3+low-sigma: k3 at lr 2e-4 (the stitch at 25×) with t around σ 0.27 and the ListNet temperature at 3.
+
+The token-fit variants (`fit-*`, stage 1b of value/token_fit.py, no stage 2) start from `FIT`, the default profile's
+recipe instead (the stitch's F and a 192-wide 3×3 G fitted to the teacher's tokens entering block j, 6000 steps of
+16 latents at lr 1e-3, t around σ 0.27); `--steps` sets their fit's steps:
+
+- fit: that recipe (`params.yaml`'s `train`).
+- fit-mid-sigma: t around σ 0.5 (logit-normal mean 0): the fit's steps where the headroom over Tweedie is.
+- fit-lr2x: at twice the learning rate, in the same steps.
+- fit-half-lr2x: half the steps at twice the learning rate: half the cost (`make demo`'s budget).
+- fit-wide: G 384 wide: does the stitch lack capacity?
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ import time
 from pathlib import Path
 
 from stitchvm.benchmarks import load_profile
+from stitchvm.config import TrainConfig
 from stitchvm.stages import tables
 
 VARIANTS = {
@@ -58,12 +69,36 @@ VARIANTS = {
     "k3": {"group_size": 8, "lambda_rank": 0.3, "kernel": 3, "lr": 1.0e-4, "stitch_lr_mult": 10.0},
     "k3+low-sigma": {"group_size": 8, "lambda_rank": 0.3, "kernel": 3, "lr": 2.0e-4, "stitch_lr_mult": 25.0,
                      "sigma_logit_mean": -1.0, "rank_temperature": 3.0},
+    "fit": {},
+    "fit-mid-sigma": {"sigma_logit_mean": 0.0},
+    "fit-lr2x": {"fit": {"lr": 2.0e-3}},
+    "fit-half-lr2x": {"fit": {"steps": 3000, "lr": 2.0e-3}},
+    "fit-wide": {"residual_width": 384},
 }
+# the token-fit variants start from the default profile's recipe (stage 1b, no stage 2)
+FIT = {"steps": 0, "sigma_logit_mean": -1.0, "residual_width": 192, "residual_kernel": 3, "kernel": 3,
+       "fit": {"steps": 6000, "batch_size": 16, "lr": 1.0e-3, "warmup_steps": 100}}
 # every variant starts from the paper's recipe on the first world's budget (1000 steps of 32 at lr 1e-3, the stitch at
 # 5×, t around σ 0.5, a 1×1 F), whatever params say; `--steps` overrides every variant's steps
 DISTILL = {"group_size": 1, "lambda_rank": 0.0, "sigma_logit_mean": 0.0, "batch_size": 32, "steps": 1000,
-           "lr": 1.0e-3, "stitch_lr_mult": 5.0, "kernel": 1}
+           "lr": 1.0e-3, "stitch_lr_mult": 5.0, "kernel": 1, "residual_width": 0, "residual_kernel": 1,
+           "fit": {"steps": 0}}
 COLUMNS = ("variant", "sigma", "method", "spearman_within_prompt", "spearman_within_prompt_vs_mc")
+
+
+def variant_config(train: TrainConfig, variant: str, steps: int | None) -> tuple[TrainConfig, tuple[str | None, int]]:
+    """The profile's `train` section as `variant` changes it (on `FIT` or `DISTILL`), and the search it starts from:
+    (context, kernel), None for the profile's context. `steps` overrides the variant's training steps (the fit's, or
+    stage 2's)."""
+    base = FIT if variant.startswith("fit") else DISTILL
+    changes = {**base, **VARIANTS[variant], "fit": {**base["fit"], **VARIANTS[variant].get("fit", {})}}
+    key = changes.pop("context", None), changes.pop("kernel")
+    if steps and base is FIT:
+        changes["fit"]["steps"] = steps  # a fresh dict: FIT is untouched
+    elif steps:
+        changes["steps"] = steps
+    fit = dataclasses.replace(train.fit, **changes.pop("fit"))
+    return dataclasses.replace(train, **changes, fit=fit), key
 
 
 def run(profile: str, out: str | Path, *, steps: int | None = None, variants: list[str] | None = None,
@@ -75,6 +110,7 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     from stitchvm.stages.upstream import read_search, read_split
     from stitchvm.value.evaluation import evaluate_value_model
     from stitchvm.value.search import stitched_from_search
+    from stitchvm.value.token_fit import entry_tokens, fit_stitch
     from stitchvm.value.training import train_value_model
 
     name, params = load_profile(profile)
@@ -93,16 +129,22 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     noisy = {s: noisy[s] for s in mc}
     searched = {}  # (context, kernel) -> search result
     rows, by_category, seconds = [], {}, {}
+    entry = {}  # j -> the teacher's tokens entering block j (the token fit's targets)
     for variant in variants:
-        changes = {**DISTILL, **VARIANTS[variant]}
-        key = changes.pop("context", params.search.context), changes.pop("kernel", params.search.kernel)
+        cfg, (context, kernel) = variant_config(params.train, variant, steps)
+        key = context or params.search.context, kernel
         if key not in searched:
             stored = key == (params.search.context, params.search.kernel)
             searched[key] = read_search(storage) if stored else \
                 search_on_probe(params, storage, backbone, reward, key[0], progress, kernel=key[1])
-        cfg = dataclasses.replace(params.train, **{**changes, **({"steps": steps} if steps else {})})
-        model = stitched_from_search(backbone, reward, searched[key]).to(backbone.device)
+        model = stitched_from_search(backbone, reward, searched[key], cfg.residual_width or None,
+                                     cfg.residual_kernel).to(backbone.device)
         start = time.perf_counter()
+        if cfg.fit.steps:
+            if model.j not in entry:
+                entry[model.j] = entry_tokens(backbone, reward, z0, model.j, cfg.fit.batch_size, progress)
+            fit_stitch(model, z0, entry[model.j], cfg.fit, (cfg.sigma_logit_mean, cfg.sigma_logit_std), params.seed,
+                       train_prompts, progress)
         train_value_model(model, z0, targets, cfg, params.seed, progress=progress, prompts=train_prompts)
         seconds[variant] = round(time.perf_counter() - start, 1)
         report = evaluate_value_model(model, backbone, reward, data, noisy, params.evaluate.batch_size,

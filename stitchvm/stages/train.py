@@ -1,10 +1,10 @@
 """Stage `train`: the stitched model from the search's initialisation, its stitch fitted to the teacher's tokens
 (stage 1b, `train.fit`, value/token_fit.py), then distilled (stage 2, `train.steps`); logged and registered in MLflow.
 
-Writes `value_model/`, `train/curve.png` and `train/summary.json` (steps, first and final loss, the fit's first and
-final error, the pair: nothing that differs between two identical runs); the run's wall time, throughput, where the
-model went and its MLflow run and registered version go to the run record `reports/runs/train.json`
-(stitchvm/stages/run_record.py). Returns both.
+Writes `value_model/`, `train/curve.png` and `train/summary.json` (steps, first and final loss, the fit's first
+error and its final one, the mean of its last 100 steps; the pair: nothing that differs between two identical runs);
+the run's wall time, throughput, where the model went and its MLflow run and registered version go to the run
+record `reports/runs/train.json` (stitchvm/stages/run_record.py). Returns both.
 
 A killed run resumes from its last checkpoint, and its outputs equal an uninterrupted run's: the checkpoint folder
 keeps the fitted stitch (a kill during the fit fits again from the start) and the history of the steps before the
@@ -125,6 +125,15 @@ def fitted_stitch(model, backbone, params: Params, paths: Paths, ckpt: Path, pro
     return history
 
 
+FINAL_WINDOW = 100  # steps: one batch of 16 latents' error is noisy (± ~20 %), the summary reads their mean
+
+
+def final_error(fit: list[dict]) -> float | None:
+    """The fit's error at its end: the mean of its last FINAL_WINDOW steps' `fit_error` (None without a fit)."""
+    tail = [r["fit_error"] for r in fit[-FINAL_WINDOW:]]
+    return sum(tail) / len(tail) if tail else None
+
+
 def curve_rows(fit: list[dict], distill: list[dict]) -> list[dict]:
     """One step axis for the curve: the fit's steps, then stage 2's after them."""
     return fit + [{**r, "step": r["step"] + len(fit)} for r in distill]
@@ -173,7 +182,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
                "first_loss": history[0]["loss"] if history else None,
                "final_loss": history[-1]["loss"] if history else None,
                "fit": {"steps": len(fit), "first_error": fit[0]["fit_error"] if fit else None,
-                       "final_error": fit[-1]["fit_error"] if fit else None},
+                       "final_error": final_error(fit)},
                "pair": {"i": model.i, "j": model.j}, "path": repo_relative(storage.path(VALUE_MODEL)),
                "run_id": None, "model_version": None}
     if paths.track:

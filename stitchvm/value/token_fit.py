@@ -29,6 +29,7 @@ from stitchvm.lr_schedule import warmup_cosine
 from stitchvm.models.backbone import Backbone, upcast
 from stitchvm.models.reward import ClipReward
 from stitchvm.value.model import StitchedValueModel
+from stitchvm.value.search import patch_targets
 
 
 @torch.no_grad()
@@ -36,11 +37,11 @@ def entry_tokens(backbone: Backbone, reward: ClipReward, z0: torch.Tensor, j: in
                  progress: bool = True) -> torch.Tensor:
     """(N, C, H, W) clean latents -> (N, P, D) the teacher's patch tokens entering block j of D(z0), minus their
     position embeddings, in the reward's dtype on the CPU."""
-    pos = reward.clip.vision_model.embeddings.position_embedding.weight[1:]  # (P, D)
     out = []
     for start in tqdm(range(0, len(z0), batch_size), desc="teacher tokens", disable=not progress):
         pixels = backbone.decode(z0[start:start + batch_size].to(backbone.device))
-        out.append((reward.tokens_entering(pixels, j)[:, 1:] - pos).cpu())  # (B, P, D)
+        patches, _ = patch_targets(reward, pixels, j, factor=1)  # (B·P, D), float32 at least
+        out.append(patches.view(len(pixels), -1, patches.shape[-1]).to(reward.dtype).cpu())  # (B, P, D)
     return torch.cat(out)
 
 
