@@ -1,4 +1,4 @@
-"""Model assets: search, train, evaluate (each calls its stage) and the evaluation gate check."""
+"""Model assets: search, truth, train, evaluate (each calls its stage) and the evaluation gate check."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,19 @@ def search(stitchvm: StitchVMResource) -> MaterializeResult:
         "path": MetadataValue.path(summary["path"]),
         "error_table": md_table(table[:10], ["i", "j", "error"]),
         "heatmap": png_md(paths.storage().read_bytes(f"{SEARCH}/heatmap.png"), "stitch search heatmap"),
+    })
+
+
+@asset(group_name=GROUP, deps=list(GRAPH["truth"]), pool="gpu", description=doc("truth"))
+def truth(stitchvm: StitchVMResource) -> MaterializeResult:
+    _, _, summary = stitchvm.run_stage("truth")  # the summary with its run record's seconds
+    return MaterializeResult(metadata={
+        "rollouts": summary["rollouts"],
+        "sigmas": MetadataValue.json(summary["sigmas"]),
+        "dagster/row_count": summary["latents"],  # noisy test latents valued at each σ
+        "mean_value": MetadataValue.json(summary["mean_value"]),  # the mean true value per σ
+        "seconds": summary["seconds"],
+        "path": MetadataValue.path(summary["path"]),
     })
 
 
@@ -100,5 +113,5 @@ def eval_gate(stitchvm: StitchVMResource) -> AssetCheckResult:
         "report": MetadataValue.path(str(path.resolve()))})
 
 
-ASSETS = [search, train, evaluate]
+ASSETS = [search, truth, train, evaluate]
 CHECKS = [eval_gate]

@@ -33,6 +33,9 @@ def test_bench_value_trains_each_variant_against_one_monte_carlo_value(tmp_path,
         paths = Paths.from_params(params, reports=tmp_path / "reports", track=False)
         for name in ("prompts", "samples", "labels", "noisy", "search"):
             stage(name).run(params, paths, progress=False)
+        with pytest.raises(FileNotFoundError, match="run the `truth` stage first"):  # the bench reads the stored truth
+            bench(str(profile), tmp_path / "x.json", steps=3, variants=["distill"], progress=False)
+        stage("truth").run(params, paths, progress=False)
         variants = ["distill", "prompt-head+rank", "fit-wide"]
         report = bench(str(profile), tmp_path / "bench.json", steps=3, variants=variants, progress=False)
         stage("train").run(params, paths, progress=False)

@@ -44,6 +44,7 @@ METADATA = {
                "shard_size", "shard_table", "reward", "tensor_shapes"},
     "noisy": {"dagster/row_count", "probe_rows", "eval_rows", "sigmas", "probe_path", "eval_path"},
     "search": {"pair", "best_error", "pairs_searched", "kernel", "path", "error_table", "heatmap"},
+    "truth": {"rollouts", "sigmas", "dagster/row_count", "mean_value", "seconds", "path"},
     "train": {"steps", "seconds", "samples_per_s", "first_loss", "final_loss", "pair", "path", "curve",
               "mlflow_run_id", "model_version", "mlflow_run_url", "model_version_url"},
     "align": {"method", "reward_before", "reward_after", "sec_per_update", "adapter", "reward_vs_time", "before_after",
@@ -121,12 +122,12 @@ def test_asset_graph_is_the_stage_graph():
         assert {k.to_user_string() for k in graph.get(AssetKey(name)).parent_keys} == set(upstream), name
     groups = {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {"prompts": "data", "samples": "data", "labels": "data", "noisy": "data",
-                      "search": "model", "train": "model", "evaluate": "model",
+                      "search": "model", "truth": "model", "train": "model", "evaluate": "model",
                       "guidance": "alignment", "align": "alignment", **{n: "world" for n in BOOTSTRAP}}
     assert {k.to_user_string() for k in graph.materializable_asset_keys} == set(GRAPH) - set(BOOTSTRAP)
     pools = {name: pipelines.defs.resolve_assets_def(name).op.pool for name in GRAPH if name not in BOOTSTRAP}
-    assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "train", "evaluate",
-                                                                  "guidance", "align"}
+    assert {n for n, p in pools.items() if p == "gpu"} == {"samples", "labels", "search", "truth", "train",
+                                                                  "evaluate", "guidance", "align"}
     job_keys = pipelines.defs.resolve_job_def("stitchvm_all").asset_layer.selected_asset_keys
     assert {k.to_user_string() for k in job_keys} == set(GRAPH) - set(BOOTSTRAP)
     world = pipelines.world.defs.resolve_job_def("world_bootstrap").graph  # the retraining job: an op per stage

@@ -144,6 +144,45 @@ def test_a_noisy_set_left_short_is_refused_by_its_readers(tmp_path):
             stage(reader).run(params, paths, progress=False)
 
 
+def test_truth_stores_each_noisy_test_latents_monte_carlo_value_for_evaluate(tmp_path):
+    """The `truth` stage's values are monte_carlo_value's on the stored noisy latents under each latent's own prompt
+    (recomputed here from the samples' rows); the readers refuse a truth made for other params or other latents."""
+    from stitchvm.stages.runtime import models
+    from stitchvm.stages.upstream import read_noisy_eval, read_split, read_truth
+    from stitchvm.value.monte_carlo import monte_carlo_value
+
+    evaluate = {**SMALL["evaluate"], "mc_rollouts": 2, "mc_sigmas": [0.5, 0.25]}
+    params = small_params(str(tmp_path / "data"), evaluate=evaluate)
+    paths = Paths.from_params(params, reports=tmp_path / "reports", track=False)
+    for name in ("prompts", "samples", "noisy"):
+        stage(name).run(params, paths, progress=False)
+    storage = paths.storage()
+    noisy, ids = read_noisy_eval(storage, params)
+    with pytest.raises(FileNotFoundError, match=r"truth/summary.json does not exist: run the `truth` stage first"):
+        read_truth(storage, params, ids)
+    out = stage("truth").run(params, paths, progress=False)
+    assert out["latents"] == len(ids) == 12 and out["sigmas"] == [0.5, 0.25] and out["seconds"] > 0
+    assert json.loads((tmp_path / "reports" / "runs" / "truth.json").read_text())["seconds"] == out["seconds"]
+
+    backbone, reward = models(params)
+    _, test_rows = read_split(storage, params, "test")
+    prompt_of = dict(zip(test_rows.column("sample_id").to_pylist(), test_rows.column("prompt").to_pylist()))
+    gen = torch.Generator().manual_seed(params.seed)  # one generator, σ after σ in mc_sigmas' order
+    want = {s: monte_carlo_value(backbone, reward, noisy[s], s, [prompt_of[i] for i in ids], 2, params.samples.steps,
+                                 params.samples.guidance_scale, gen, params.evaluate.batch_size) for s in (0.5, 0.25)}
+    got = read_truth(storage, params, ids)
+    assert list(got) == [0.5, 0.25] and all(torch.equal(got[s], want[s]) for s in want)
+    assert out["mean_value"]["sigma_0.5"] == pytest.approx(want[0.5].mean().item())
+
+    other = small_params(str(tmp_path / "data"), evaluate={**evaluate, "mc_rollouts": 4})
+    with pytest.raises(ValueError, match=r"holds 2 rollouts at σ \[0.25, 0.5\], params ask for 4.*re-run `truth`"):
+        read_truth(storage, other, ids)
+    with pytest.raises(ValueError, match="other latents than the test set's"):
+        read_truth(storage, params, ids[::-1])
+    off = small_params(str(tmp_path / "data"), evaluate={**evaluate, "mc_rollouts": 0})
+    assert read_truth(storage, off, ids) == {}  # no Monte Carlo value asked: nothing read
+
+
 def test_train_fits_the_stitch_keeps_the_fit_for_a_resume_and_saves_g(tmp_path):
     """Stage 1b inside `train`: its result is kept in the checkpoint folder, and a run that finds it (a resume after a
     kill) takes it instead of fitting again; the summary reports the fit and the saved model carries G's shape."""

@@ -202,12 +202,12 @@ def test_stage_readers_equal_read_split(tmp_path):
         assert torch.equal(got["tokens"], targets.tokens) and "score" not in got  # a CLIP reward: no scalar target
         positions = [3, 0, 11, 3, 7]  # across shards, repeated
         assert torch.equal(rows.__getitems__(positions)["tokens"], targets.tokens[positions])
-    data, noisy, teacher, _, _ = eval_inputs(params, storage)
+    data, noisy, teacher, _, _, ids = eval_inputs(params, storage)
     z0, _, targets, _ = read_split(storage, params, "test", labels=True)
     assert torch.equal(data.z0, z0) and torch.equal(teacher.tokens, targets.tokens)
     whole, eval_index = read_shards(storage, EVAL, progress=False)
     sigmas = eval_index.column("sigma").to_pylist()
-    assert list(noisy) == [0.25, 0.5]
+    assert list(noisy) == [0.25, 0.5] and ids == eval_index.column("sample_id").to_pylist()[:len(ids)]
     for s, z_t in noisy.items():
         assert torch.equal(z_t, whole["z_t"][torch.tensor([k for k, x in enumerate(sigmas) if x == s])])
 

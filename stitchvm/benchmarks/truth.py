@@ -86,7 +86,7 @@ def run(profile: str, out: str | Path, *, rollouts: int = 16, progress: bool = T
     backbone, reward = models(params)
     model_dir = value_model_dir(storage)
     value_model = StitchedValueModel.from_pretrained(model_dir, backbone, reward, device=backbone.device).eval()
-    data, noisy, _, sample_prompts, _ = eval_inputs(params, storage)
+    data, noisy, _, sample_prompts, _, _ = eval_inputs(params, storage)
     cfg, start = params.evaluate, time.perf_counter()
     rows, by_category = [], {}
     categories = None if data.categories is None else [data.categories[k] for k in data.prompt_ids.tolist()]

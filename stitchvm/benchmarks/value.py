@@ -1,8 +1,9 @@
 """Benchmark `value`: training variants of the value model, each judged against the true (Monte Carlo) value.
 
 `python -m stitchvm bench value --profile NAME --out PATH [--steps N] [--variants a,b]` reads the profile's pipeline
-data (run the stages up to `search` first: samples, labels, noisy, search), computes the Monte Carlo value of the
-stored noisy test latents once (`evaluate.mc_rollouts` rollouts at `evaluate.mc_sigmas`), then trains each variant
+data (run the stages up to `search` and `truth` first: samples, labels, noisy, search, truth), among them the
+`truth` stage's Monte Carlo value of the stored noisy test latents (`evaluate.mc_rollouts` rollouts at
+`evaluate.mc_sigmas`), then trains each variant
 from the search's initialisation with the profile's `train` section changed as the variant says, and evaluates it
 on the same noisy latents. Rows: {variant, sigma, method, spearman_within_prompt, spearman_within_prompt_vs_mc},
 the tweedie and monte-carlo rows once per σ (they do not depend on the variant); `by_category` per variant;
@@ -104,10 +105,10 @@ def variant_config(train: TrainConfig, variant: str, steps: int | None) -> tuple
 def run(profile: str, out: str | Path, *, steps: int | None = None, variants: list[str] | None = None,
         progress: bool = True) -> dict:
     from stitchvm.data.storage import open_root
-    from stitchvm.stages.evaluate import eval_inputs, true_values
+    from stitchvm.stages.evaluate import eval_inputs
     from stitchvm.stages.runtime import models
     from stitchvm.stages.search import search_on_probe
-    from stitchvm.stages.upstream import read_search, read_split
+    from stitchvm.stages.upstream import read_search, read_split, read_truth
     from stitchvm.value.evaluation import evaluate_value_model
     from stitchvm.value.search import stitched_from_search
     from stitchvm.value.token_fit import entry_tokens, fit_stitch
@@ -124,8 +125,8 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     backbone, reward = models(params)
     z0, index, targets, _ = read_split(storage, params, "train", labels=True)
     train_prompts = index.column("prompt").to_pylist()
-    data, noisy, teacher, _, _ = eval_inputs(params, storage)
-    mc, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
+    data, noisy, teacher, _, _, ids = eval_inputs(params, storage)
+    mc = read_truth(storage, params, ids)  # the `truth` stage's Monte Carlo value
     noisy = {s: noisy[s] for s in mc}
     searched = {}  # (context, kernel) -> search result
     rows, by_category, seconds = [], {}, {}
@@ -157,7 +158,7 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     rows.sort(key=lambda r: (r["sigma"], r["method"] != "monte-carlo", r["method"] != "tweedie", r["variant"]))
     result = {"device": str(backbone.device), "host": platform.node(), "profile": name,
               "steps": steps or params.train.steps, "mc": {"rollouts": params.evaluate.mc_rollouts,
-                                                           "sigmas": sorted(mc), "seconds": mc_seconds},
+                                                           "sigmas": sorted(mc)},
               "variants": {v: VARIANTS[v] for v in variants}, "train_seconds": seconds, "rows": rows,
               "by_category": by_category}
     print(tables.format_table(rows, COLUMNS))

@@ -18,8 +18,9 @@ GRAPH: dict[str, tuple[str, ...]] = {
     "labels": ("samples", "world_clip", "world_vae", "world_aesthetic"),
     "noisy": ("samples",),
     "search": ("noisy", "samples"),
+    "truth": ("noisy", "samples", "world_clip", "world_vae", "world_backbone", "world_aesthetic"),  # Monte Carlo value
     "train": ("search", "samples", "labels"),
-    "evaluate": ("train", "noisy", "samples", "labels", "prompts", "world_evaluator"),
+    "evaluate": ("train", "truth", "noisy", "samples", "labels", "prompts", "world_evaluator"),
     # consumers of the value model: inference-time guidance (and training-time alignment)
     "guidance": ("train", "prompts", "world_evaluator"),
     "align": ("train", "prompts", "world_evaluator"),

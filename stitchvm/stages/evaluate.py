@@ -1,17 +1,18 @@
 """Stage `evaluate`: the trained value model vs the Tweedie baseline on the stored noisy test latents; with
-`evaluate.mc_rollouts` > 0 both are also scored against the Monte Carlo value at `evaluate.mc_sigmas` (monte_carlo.py).
+`evaluate.mc_rollouts` > 0 both are also scored against the Monte Carlo value at `evaluate.mc_sigmas`, which the
+`truth` stage computed (stages/truth.py: it does not depend on the value model, so a retrained model skips it).
 
 Writes `reports/eval.json` (DVC metrics), `reports/eval_plot.json` + `reports/eval.png` (value quality vs σ), logs them
 to the training's MLflow run, and promotes the registered version to `champion` when the gate in params passes and its gate metric beats
 the current champion's (tracking.promote_if_better).
-What the clock and the machine decide (each row's ms_per_eval and peak_mem_mb, the Monte Carlo value's seconds) and
-the MLflow outcome go to the run record `reports/runs/evaluate.json` instead of eval.json
-(stitchvm/stages/run_record.py); the returned report holds both.
+What the clock and the machine decide (each row's ms_per_eval and peak_mem_mb) and the MLflow outcome go to the run
+record `reports/runs/evaluate.json` instead of eval.json (stitchvm/stages/run_record.py); the returned report holds
+both.
 """
 from __future__ import annotations
 
 import json
-import time
+from typing import NamedTuple
 
 import torch
 
@@ -19,16 +20,14 @@ from stitchvm.stages import plots
 from stitchvm.config import Params
 from stitchvm.value.evaluation import NoisyEvalSet, evaluate_value_model
 from stitchvm.value.training import TeacherTargets
-from stitchvm.value.monte_carlo import monte_carlo_value
-from stitchvm.data.storage import read_index
-from stitchvm.data.shard_dataset import ShardRows, gather_rows
+from stitchvm.data.shard_dataset import gather_rows
 from stitchvm.value.model import StitchedValueModel
 from stitchvm.stages.geneval import judge_latents
-from stitchvm.stages.run_record import split_fields, split_rows, write_record
-from stitchvm.stages.runtime import Paths, models, needs
+from stitchvm.stages.run_record import split_rows, write_record
+from stitchvm.stages.runtime import Paths, models
 from stitchvm.world.prompt_set import CATEGORIES
-from stitchvm.stages.upstream import (EVAL, noisy_shards, prompt_specs, prompts_in_split, read_prompts, read_train_run,
-                                      stream_split, value_model_dir)
+from stitchvm.stages.upstream import (EVAL, SAMPLES, prompt_specs, prompts_in_split, read_noisy_eval, read_prompts,
+                                      read_train_run, read_truth, stream_split, value_model_dir)
 
 TIMED = ("ms_per_eval", "peak_mem_mb")  # the evaluation rows' measurements: the run record's, keyed by (sigma, method)
 
@@ -75,26 +74,9 @@ def plot_rows(rows: list[dict]) -> list[dict]:
 
 def split_report(report: dict) -> tuple[dict, dict]:
     """(eval.json: the report less what the clock and the machine decide, the run record: the rows' timings keyed
-    by (sigma, method) and the Monte Carlo value's seconds)."""
+    by (sigma, method))."""
     rows, timed = split_rows(report["eval"], TIMED, key=("sigma", "method"))
-    quality, record = {**report, "eval": rows}, {"eval": timed}
-    if "monte_carlo" in report:
-        quality["monte_carlo"], record["monte_carlo"] = split_fields(report["monte_carlo"], ("seconds",))
-    return quality, record
-
-
-def true_values(params: Params, backbone, reward, data: NoisyEvalSet, noisy: dict, progress: bool) -> tuple[dict, float]:
-    """{σ: (N,) Monte Carlo value} at evaluate.mc_sigmas by rollouts of the sampler that drew the data; and seconds."""
-    cfg = params.evaluate
-    if cfg.mc_rollouts == 0:
-        return {}, 0.0
-    start = time.perf_counter()
-    prompts = [data.prompts[k] for k in data.prompt_ids.tolist()]
-    gen = torch.Generator(backbone.device).manual_seed(params.seed)
-    values = {s: monte_carlo_value(backbone, reward, noisy[s], s, prompts, cfg.mc_rollouts, params.samples.steps,
-                                   params.samples.guidance_scale, gen, cfg.batch_size, progress=progress)
-              for s in cfg.mc_sigmas}
-    return values, round(time.perf_counter() - start, 3)
+    return {**report, "eval": rows}, {"eval": timed}
 
 
 GENEVAL_GRID = "geneval_samples.png"
@@ -117,10 +99,18 @@ def geneval(params: Params, backbone, z0: torch.Tensor, sample_prompts: list[str
     return accuracy
 
 
-def eval_inputs(params: Params, storage) -> tuple[NoisyEvalSet, dict, object, list[str], object]:
-    """What every evaluation of a value model reads: the test set (clean latents, prompt ids, prompts, categories),
-    its stored noisy versions {σ: z_σ}, the teacher on the clean latents, each sample's prompt and the prompt table.
-    The test rows are read shard by shard (`gather_rows`): never the other splits' rows, nor a whole set at once."""
+class EvalInputs(NamedTuple):
+    """What every evaluation of a value model reads."""
+    data: NoisyEvalSet  # the test set: clean latents, prompt ids, prompts, categories
+    noisy: dict  # {σ: (N, C, H, W)} its stored noisy versions
+    teacher: TeacherTargets  # the teacher on the clean latents
+    sample_prompts: list[str]  # each test latent's prompt
+    table: object  # the prompt table (prompts.parquet)
+    sample_ids: list[int]  # each test latent's sample id (the order of every tensor above)
+
+
+def eval_inputs(params: Params, storage) -> EvalInputs:
+    """The test rows are read shard by shard (`gather_rows`): never the other splits' rows, nor a whole set at once."""
     rows, index = stream_split(storage, params, "test", labels=True)
     test = gather_rows(rows)  # {"latents": (N, C, H, W), "embeds": (N, E), "tokens": (N, 1+P, D)[, "score": (N,)]}
     z0, teacher = test["latents"], TeacherTargets(test["embeds"], test["tokens"], test.get("score"))
@@ -132,26 +122,25 @@ def eval_inputs(params: Params, storage) -> tuple[NoisyEvalSet, dict, object, li
     sample_prompts = index.column("prompt").to_pylist()
     data = NoisyEvalSet(z0, torch.tensor([position[p] for p in sample_prompts]), test_prompts,
                         None if category is None else [category[p] for p in test_prompts])
-    noisy_index = read_index(storage, EVAL, hint=needs("noisy"), expected_shards=noisy_shards(params)[EVAL])
-    sigmas = noisy_index.column("sigma").to_pylist()
-    noisy = {s: gather_rows(ShardRows(storage, {EVAL: (noisy_index, ["z_t"])},
-                                      [k for k, x in enumerate(sigmas) if x == s]))["z_t"]
-             for s in dict.fromkeys(sigmas)}  # σ by σ: the set is never held twice
-    return data, noisy, teacher, sample_prompts, table
+    noisy, noisy_ids = read_noisy_eval(storage, params)
+    ids = index.column("sample_id").to_pylist()
+    if noisy_ids != ids:
+        raise ValueError(f"{storage.path(EVAL)} does not hold the test samples of {storage.path(SAMPLES)} in their "
+                         f"order: re-run `noisy`")
+    return EvalInputs(data, noisy, teacher, sample_prompts, table, ids)
 
 
 def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
-    data, noisy, teacher, sample_prompts, table = eval_inputs(params, storage)
+    data, noisy, teacher, sample_prompts, table, ids = eval_inputs(params, storage)
+    values = read_truth(storage, params, ids)  # the `truth` stage's Monte Carlo value ({} with mc_rollouts 0)
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device)
-    values, mc_seconds = true_values(params, backbone, reward, data, noisy, progress)
     report = evaluate_value_model(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,
                       teacher=teacher, progress=progress, true_values=values)
     if values:
-        report["monte_carlo"] = {"rollouts": params.evaluate.mc_rollouts, "sigmas": sorted(values),
-                                 "seconds": mc_seconds}
+        report["monte_carlo"] = {"rollouts": params.evaluate.mc_rollouts, "sigmas": sorted(values)}
     verdicts = geneval(params, backbone, data.z0, sample_prompts, table, paths)
     if verdicts is not None:
         report["geneval"] = verdicts

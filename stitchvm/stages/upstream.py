@@ -15,7 +15,7 @@ from stitchvm.config import Params
 from stitchvm.value.training import TeacherTargets
 from stitchvm.value.search import SearchResult
 from stitchvm.data.storage import NOT_WRITTEN, Storage, read_index, read_shards, shard_status
-from stitchvm.data.shard_dataset import ShardRows
+from stitchvm.data.shard_dataset import ShardRows, gather_rows
 from stitchvm.stages.runtime import needs
 from stitchvm.stages.run_record import read_record, record_path
 
@@ -23,6 +23,7 @@ PROMPTS = "prompts.parquet"
 SAMPLES, LABELS = "samples", "labels"
 PROBE, EVAL = "noisy/probe", "noisy/eval"
 SEARCH, VALUE_MODEL = "search", "value_model"
+TRUTH = "truth"
 TRAIN_SUMMARY = "train/summary.json"
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,47 @@ def samples_for(storage: Storage, params: Params, sample_ids: list[int]) -> tupl
     rows = [position[s] for s in sample_ids]
     prompts = index.column("prompt").to_pylist()
     return tensors["latents"][torch.tensor(rows, dtype=torch.long)], [prompts[k] for k in rows]
+
+
+def read_noisy_eval(storage: Storage, params: Params, sigmas=None) -> tuple[dict[float, torch.Tensor], list[int]]:
+    """The stored noisy test latents {σ: (N, C, H, W)} (every σ of noisy/eval, or those of `sigmas`), and their
+    sample ids, in the same order at every σ. Read σ by σ: the set is never held twice."""
+    index = read_index(storage, EVAL, hint=needs("noisy"), expected_shards=noisy_shards(params)[EVAL])
+    column = index.column("sigma").to_pylist()
+    missing = [s for s in (sigmas or []) if s not in column]
+    if missing:
+        raise ValueError(f"{storage.path(EVAL)} holds no latents at σ {missing} (it has {sorted(set(column))}): "
+                         f"noisy.sigmas must hold them; re-run `noisy`")
+    noisy, ids = {}, None
+    for s in dict.fromkeys(sigmas or column):
+        rows = [k for k, x in enumerate(column) if x == s]
+        noisy[s] = gather_rows(ShardRows(storage, {EVAL: (index, ["z_t"])}, rows))["z_t"]
+        at_sigma = index.column("sample_id").take(pa.array(rows)).to_pylist()
+        if ids is not None and at_sigma != ids:
+            raise ValueError(f"{storage.path(EVAL)} holds its latents in another order at σ {s}: re-run `noisy`")
+        ids = at_sigma
+    return noisy, ids
+
+
+def read_truth(storage: Storage, params: Params, sample_ids: list[int]) -> dict[float, torch.Tensor]:
+    """{σ: (N,) the Monte Carlo value of the noisy test latents of `sample_ids`, in that order} as the `truth` stage
+    stored it; {} when evaluate.mc_rollouts is 0. The stored truth must be the one params ask for."""
+    cfg = params.evaluate
+    if cfg.mc_rollouts == 0:
+        return {}
+    summary = storage.read_json(f"{TRUTH}/summary.json", hint=needs("truth"))
+    made = (summary["rollouts"], sorted(summary["sigmas"]))
+    if made != (cfg.mc_rollouts, sorted(cfg.mc_sigmas)):
+        raise ValueError(f"{storage.path(TRUTH)} holds {made[0]} rollouts at σ {made[1]}, params ask for "
+                         f"{cfg.mc_rollouts} at σ {sorted(cfg.mc_sigmas)}: re-run `truth`")
+    if summary["sample_ids"] != list(sample_ids):
+        raise ValueError(f"{storage.path(TRUTH)} holds the truth of other latents than the test set's: re-run `truth`")
+    values = load_safetensors(storage.read_bytes(f"{TRUTH}/values.safetensors", hint=needs("truth")))
+    return {s: values[truth_key(s)] for s in cfg.mc_sigmas}
+
+
+def truth_key(sigma: float) -> str:
+    return f"sigma_{sigma}"
 
 
 def read_search(storage: Storage) -> SearchResult:
