@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--per-prompt", default=None,
                        help="memory: comma-separated samples.per_prompt sizes (default: 192,768; use --profile smoke)")
     bench.add_argument("--methods", default=None,
-                       help="guidance: comma-separated methods instead of guidance.methods (e.g. with best-of-n-matched)")
+                       help="guidance: comma-separated methods instead of guidance.methods (e.g. with "
+                            "best-of-n-matched); align: a subset of nft,nft-stitchvm,draft,draft-stitchvm")
     bench.add_argument("--sweep", action="append", default=None, metavar="METHOD=S1,S2",
                        help="guidance: sweep a DPS method's scale on the val prompts (repeatable; JSON default: "
                             "reports/bench_guidance_sweep.json)")
@@ -189,8 +190,9 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
     if args.sweep and (args.name != "guidance" or args.count):
         print("stitchvm bench: --sweep applies to `bench guidance` (run mode) only", file=sys.stderr)
         return 2
-    if args.methods is not None and (args.name != "guidance" or args.count or args.sweep):
-        print("stitchvm bench: --methods applies to `bench guidance` (run mode) only", file=sys.stderr)
+    if args.methods is not None and (args.name not in ("guidance", "align") or args.count or args.sweep):
+        print("stitchvm bench: --methods applies to `bench guidance` and `bench align` (run mode) only",
+              file=sys.stderr)
         return 2
     if args.seeds is not None and args.name != "align":
         print("stitchvm bench: --seeds applies to `bench align` only", file=sys.stderr)
@@ -226,7 +228,8 @@ def _bench(args: argparse.Namespace, progress: bool) -> int:
             run_count(args.profile, args.out or "reports/bench_align_count.json", args.rewards, progress=progress)
         else:
             from stitchvm.benchmarks.align import run
-            run(args.profile, out, updates=args.updates, progress=progress, seeds=_seeds(args.seeds))
+            run(args.profile, out, updates=args.updates, progress=progress, seeds=_seeds(args.seeds),
+                **({"methods": tuple(args.methods.split(","))} if args.methods else {}))
     except ConfigError as e:
         print(f"stitchvm bench {args.name}: {e}", file=sys.stderr)
         return 2

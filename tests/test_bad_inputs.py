@@ -160,6 +160,10 @@ CASES = [
     Case("negative smoke threads", ["smoke", "--threads", "-1"], {}, 2, r"--threads: expected an integer >= 0, got -1"),
     Case("zero bench steps", ["bench", "value", "--steps", "0"], {}, 2, r"--steps: expected an integer >= 1, got 0"),
     Case("unknown bench profile", ["bench", "value", "--profile", "nope"], {}, 1, r"unknown profile 'nope'"),
+    Case("unknown bench align method", ["bench", "align", "--methods", "nft,nfts"], {}, 1,
+         r"bench align methods \['nft', 'nfts'\]: each one of nft, nft-stitchvm, draft, draft-stitchvm, no repeats"),
+    Case("bench methods elsewhere", ["bench", "value", "--methods", "nft"], {}, 2,
+         r"--methods applies to `bench guidance` and `bench align` \(run mode\) only"),
     # storage endpoints
     Case("S3 endpoint where nothing listens", ["prompts"], unreachable_s3, 1,
          r"storage\.root s3://bucket/run: cannot reach the S3 endpoint http://127\.0\.0\.1:\d+ .*endpoint_url"),

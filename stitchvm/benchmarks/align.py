@@ -123,6 +123,9 @@ def run(profile: str, out: str, updates: int | None = None, progress: bool = Tru
     the JSON to `out` and the curves' figure beside it, returns the report."""
     from stitchvm.stages.plots import alignment_curves
 
+    unknown = [m for m in methods if m not in ALIGN_METHODS]
+    if unknown or len(set(methods)) != len(methods) or not methods:
+        raise ValueError(f"bench align methods {list(methods)}: each one of {', '.join(ALIGN_METHODS)}, no repeats")
     _, params = load_profile(profile)  # fail early on a bad profile
     ctx = multiprocessing.get_context("spawn")
     rows = []
