@@ -146,7 +146,8 @@ def test_a_noisy_set_left_short_is_refused_by_its_readers(tmp_path):
 
 def test_truth_stores_each_noisy_test_latents_monte_carlo_value_for_evaluate(tmp_path):
     """The `truth` stage's values are monte_carlo_value's on the stored noisy latents under each latent's own prompt
-    (recomputed here from the samples' rows); the readers refuse a truth made for other params or other latents."""
+    (recomputed here from the samples' rows); a re-run with the same inputs keeps them; the readers refuse a truth
+    made for other params, other latents or other noise."""
     from stitchvm.stages.runtime import models
     from stitchvm.stages.upstream import read_noisy_eval, read_split, read_truth
     from stitchvm.value.monte_carlo import monte_carlo_value
@@ -158,29 +159,38 @@ def test_truth_stores_each_noisy_test_latents_monte_carlo_value_for_evaluate(tmp
         stage(name).run(params, paths, progress=False)
     storage = paths.storage()
     noisy, ids = read_noisy_eval(storage, params)
-    with pytest.raises(FileNotFoundError, match=r"truth/summary.json does not exist: run the `truth` stage first"):
-        read_truth(storage, params, ids)
-    out = stage("truth").run(params, paths, progress=False)
-    assert out["latents"] == len(ids) == 12 and out["sigmas"] == [0.5, 0.25] and out["seconds"] > 0
-    assert json.loads((tmp_path / "reports" / "runs" / "truth.json").read_text())["seconds"] == out["seconds"]
-
-    backbone, reward = models(params)
     _, test_rows = read_split(storage, params, "test")
     prompt_of = dict(zip(test_rows.column("sample_id").to_pylist(), test_rows.column("prompt").to_pylist()))
+    prompts = [prompt_of[i] for i in ids]
+    with pytest.raises(FileNotFoundError, match=r"truth/summary.json does not exist: run the `truth` stage first"):
+        read_truth(storage, params, noisy, prompts, ids)
+    out = stage("truth").run(params, paths, progress=False)
+    assert out["latents"] == len(ids) == 12 and out["sigmas"] == [0.5, 0.25] and not out["reused"]
+    assert json.loads((tmp_path / "reports" / "runs" / "truth.json").read_text())["seconds"] == out["seconds"] > 0
+
+    backbone, reward = models(params)
     gen = torch.Generator().manual_seed(params.seed)  # one generator, σ after σ in mc_sigmas' order
-    want = {s: monte_carlo_value(backbone, reward, noisy[s], s, [prompt_of[i] for i in ids], 2, params.samples.steps,
+    want = {s: monte_carlo_value(backbone, reward, noisy[s], s, prompts, 2, params.samples.steps,
                                  params.samples.guidance_scale, gen, params.evaluate.batch_size) for s in (0.5, 0.25)}
-    got = read_truth(storage, params, ids)
+    got = read_truth(storage, params, noisy, prompts, ids)
     assert list(got) == [0.5, 0.25] and all(torch.equal(got[s], want[s]) for s in want)
     assert out["mean_value"]["sigma_0.5"] == pytest.approx(want[0.5].mean().item())
+    again = stage("truth").run(params, paths, progress=False)  # the same inputs: the stored truth is kept
+    assert again["reused"] and again["mean_value"] == pytest.approx(out["mean_value"])
 
     other = small_params(str(tmp_path / "data"), evaluate={**evaluate, "mc_rollouts": 4})
     with pytest.raises(ValueError, match=r"holds 2 rollouts at σ \[0.25, 0.5\], params ask for 4.*re-run `truth`"):
-        read_truth(storage, other, ids)
+        read_truth(storage, other, noisy, prompts, ids)
     with pytest.raises(ValueError, match="other latents than the test set's"):
-        read_truth(storage, params, ids[::-1])
+        read_truth(storage, params, noisy, prompts, ids[::-1])
+    moved = {s: z + 1e-3 for s, z in noisy.items()}  # other noise under the same ids
+    with pytest.raises(ValueError, match="other models, seed, sampler or noisy latents.*re-run `truth`"):
+        read_truth(storage, params, moved, prompts, ids)
+    resampled = small_params(str(tmp_path / "data"), evaluate=evaluate, seed=1)
+    with pytest.raises(ValueError, match="other models, seed, sampler or noisy latents"):
+        read_truth(storage, resampled, noisy, prompts, ids)
     off = small_params(str(tmp_path / "data"), evaluate={**evaluate, "mc_rollouts": 0})
-    assert read_truth(storage, off, ids) == {}  # no Monte Carlo value asked: nothing read
+    assert read_truth(storage, off, noisy, prompts, ids) == {}  # no Monte Carlo value asked: nothing read
 
 
 def test_train_fits_the_stitch_keeps_the_fit_for_a_resume_and_saves_g(tmp_path):

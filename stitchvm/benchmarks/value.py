@@ -125,8 +125,8 @@ def run(profile: str, out: str | Path, *, steps: int | None = None, variants: li
     backbone, reward = models(params)
     z0, index, targets, _ = read_split(storage, params, "train", labels=True)
     train_prompts = index.column("prompt").to_pylist()
-    data, noisy, teacher, _, _, ids = eval_inputs(params, storage)
-    mc = read_truth(storage, params, ids)  # the `truth` stage's Monte Carlo value
+    data, noisy, teacher, sample_prompts, _, ids = eval_inputs(params, storage)
+    mc = read_truth(storage, params, noisy, sample_prompts, ids)  # the `truth` stage's Monte Carlo value
     noisy = {s: noisy[s] for s in mc}
     searched = {}  # (context, kernel) -> search result
     rows, by_category, seconds = [], {}, {}

@@ -134,7 +134,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     backbone, reward = models(params)
     data, noisy, teacher, sample_prompts, table, ids = eval_inputs(params, storage)
-    values = read_truth(storage, params, ids)  # the `truth` stage's Monte Carlo value ({} with mc_rollouts 0)
+    values = read_truth(storage, params, noisy, sample_prompts, ids)  # the `truth` stage's ({} with mc_rollouts 0)
     model = StitchedValueModel.from_pretrained(value_model_dir(storage), backbone=backbone, reward=reward,
                                                device=backbone.device)
     report = evaluate_value_model(model, backbone, reward, data, noisy, params.evaluate.batch_size, params.train.lambda_tok,

@@ -6,21 +6,26 @@ value model: a stage of its own, so that a retrained value model is evaluated wi
 12 of the evaluation's 14 minutes). `evaluate` and `bench value` read it (upstream.read_truth).
 
 Writes data/truth/values.safetensors ({"sigma_<σ>": (N,)}, in noisy/eval's order of the test latents) and
-data/truth/summary.json (rollouts, sigmas, the latents' sample ids, the mean value per σ; written last: it marks the
-stage complete). The seconds go to the run record reports/runs/truth.json. With mc_rollouts 0 both are written empty.
+data/truth/summary.json (rollouts, sigmas, the latents' sample ids, the mean value per σ, and `made_by`: the
+fingerprint of the models, seed, sampler and latents, which the readers check; written last: it marks the stage
+complete). The seconds go to the run record reports/runs/truth.json. With mc_rollouts 0 both are written empty. A re-run whose
+inputs made the stored truth (the same `made_by`: a Dagster re-materialisation) keeps it instead of rolling out again;
+DVC deletes the outputs before it runs a stage, so `dvc repro -f truth` always recomputes.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import torch
-from safetensors.torch import save as save_safetensors
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from stitchvm.config import Params
 from stitchvm.data.storage import read_index
 from stitchvm.stages.run_record import write_record
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.stages.upstream import SAMPLES, TRUTH, num_shards, read_noisy_eval, truth_key
+from stitchvm.stages.upstream import SAMPLES, TRUTH, num_shards, read_noisy_eval, truth_key, truth_made_by
 from stitchvm.value.monte_carlo import monte_carlo_value
 
 
@@ -39,19 +44,38 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
     storage = paths.storage()
     cfg = params.evaluate
     start = time.perf_counter()
-    values, ids = {}, []
+    values, ids, made_by, reused = {}, [], None, False
     if cfg.mc_rollouts:
-        backbone, reward = models(params)
         noisy, ids = read_noisy_eval(storage, params, cfg.mc_sigmas)
         index = read_index(storage, SAMPLES, hint=needs("samples"), expected_shards=num_shards(params))
         prompt_of = dict(zip(index.column("sample_id").to_pylist(), index.column("prompt").to_pylist()))
-        values = true_values(params, backbone, reward, noisy, [prompt_of[i] for i in ids], progress)
+        prompts = [prompt_of[i] for i in ids]
+        made_by = truth_made_by(params, noisy, prompts)
+        values = stored_truth(storage, made_by)  # made by these inputs already (a re-materialisation): kept
+        reused = values is not None
+        if not reused:
+            backbone, reward = models(params)
+            values = true_values(params, backbone, reward, noisy, prompts, progress)
     seconds = round(time.perf_counter() - start, 3)
-    storage.write_bytes_atomic(f"{TRUTH}/values.safetensors",
-                               save_safetensors({truth_key(s): v.contiguous() for s, v in values.items()}))
     summary = {"rollouts": cfg.mc_rollouts, "sigmas": list(cfg.mc_sigmas), "latents": len(ids),
-               "mean_value": {truth_key(s): v.mean().item() for s, v in values.items()}, "sample_ids": ids}
-    storage.write_json(f"{TRUTH}/summary.json", summary)  # last: marks the stage complete
-    write_record(paths.reports, "truth", {"seconds": seconds})
-    return {**{k: v for k, v in summary.items() if k != "sample_ids"}, "seconds": seconds,
+               "mean_value": {truth_key(s): v.mean().item() for s, v in values.items()}, "sample_ids": ids,
+               "made_by": made_by}
+    if not reused:
+        storage.write_bytes_atomic(f"{TRUTH}/values.safetensors",
+                                   save_safetensors({truth_key(s): v.contiguous() for s, v in values.items()}))
+        storage.write_json(f"{TRUTH}/summary.json", summary)  # last: marks the stage complete
+        write_record(paths.reports, "truth", {"seconds": seconds})
+    return {**{k: v for k, v in summary.items() if k != "sample_ids"}, "seconds": seconds, "reused": reused,
             "path": storage.path(TRUTH)}
+
+
+def stored_truth(storage, made_by: str) -> dict[float, torch.Tensor] | None:
+    """The stored values when the stored truth was made by `made_by`, else None (none stored, other inputs, damaged)."""
+    summary = storage.read_bytes_or_none(f"{TRUTH}/summary.json")
+    values = storage.read_bytes_or_none(f"{TRUTH}/values.safetensors")
+    try:
+        if summary is None or values is None or json.loads(summary).get("made_by") != made_by:
+            return None
+        return {float(k.removeprefix("sigma_")): v for k, v in load_safetensors(values).items()}
+    except (ValueError, SafetensorError):
+        return None

@@ -11,10 +11,11 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load as load_safetensors
 
-from stitchvm.config import Params
+from stitchvm.config import Params, to_dict
 from stitchvm.value.training import TeacherTargets
 from stitchvm.value.search import SearchResult
-from stitchvm.data.storage import NOT_WRITTEN, Storage, read_index, read_shards, shard_status
+from stitchvm.data.storage import (NOT_WRITTEN, Storage, fingerprint, read_index, read_shards, sha256,
+                                   shard_status)
 from stitchvm.data.shard_dataset import ShardRows, gather_rows
 from stitchvm.stages.runtime import needs
 from stitchvm.stages.run_record import read_record, record_path
@@ -157,9 +158,21 @@ def read_noisy_eval(storage: Storage, params: Params, sigmas=None) -> tuple[dict
     return noisy, ids
 
 
-def read_truth(storage: Storage, params: Params, sample_ids: list[int]) -> dict[float, torch.Tensor]:
-    """{σ: (N,) the Monte Carlo value of the noisy test latents of `sample_ids`, in that order} as the `truth` stage
-    stored it; {} when evaluate.mc_rollouts is 0. The stored truth must be the one params ask for."""
+def truth_made_by(params: Params, noisy: dict[float, torch.Tensor], prompts: list[str]) -> str:
+    """The fingerprint of a `truth`: everything that decides the Monte Carlo values of `noisy` ({σ: (N, C, H, W)}, the
+    test latents under `prompts`): the models, the seed, the rollouts, the sampler and the latents themselves."""
+    cfg = params.evaluate
+    return fingerprint({"backbone": to_dict(params.backbone), "reward": to_dict(params.reward), "seed": params.seed,
+                        "rollouts": cfg.mc_rollouts, "sigmas": list(cfg.mc_sigmas), "batch_size": cfg.batch_size,
+                        "sampler": [params.samples.steps, params.samples.guidance_scale], "prompts": prompts,
+                        "latents": [sha256(noisy[s].contiguous().numpy().tobytes()) for s in cfg.mc_sigmas]})
+
+
+def read_truth(storage: Storage, params: Params, noisy: dict[float, torch.Tensor], prompts: list[str],
+               sample_ids: list[int]) -> dict[float, torch.Tensor]:
+    """{σ: (N,) the Monte Carlo value of the noisy test latents `noisy` ({σ: (N, C, H, W)}, of `sample_ids` under
+    `prompts`, in that order)} as the `truth` stage stored it; {} when evaluate.mc_rollouts is 0. The stored truth
+    must be the one params ask for, of these latents."""
     cfg = params.evaluate
     if cfg.mc_rollouts == 0:
         return {}
@@ -170,6 +183,9 @@ def read_truth(storage: Storage, params: Params, sample_ids: list[int]) -> dict[
                          f"{cfg.mc_rollouts} at σ {sorted(cfg.mc_sigmas)}: re-run `truth`")
     if summary["sample_ids"] != list(sample_ids):
         raise ValueError(f"{storage.path(TRUTH)} holds the truth of other latents than the test set's: re-run `truth`")
+    if summary.get("made_by") != truth_made_by(params, noisy, prompts):
+        raise ValueError(f"{storage.path(TRUTH)} was made by other models, seed, sampler or noisy latents than these "
+                         f"params and data/noisy: re-run `truth`")
     values = load_safetensors(storage.read_bytes(f"{TRUTH}/values.safetensors", hint=needs("truth")))
     return {s: values[truth_key(s)] for s in cfg.mc_sigmas}
 
