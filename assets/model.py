@@ -41,6 +41,7 @@ def truth(stitchvm: StitchVMResource) -> MaterializeResult:
         "dagster/row_count": summary["latents"],  # noisy test latents valued at each σ
         "mean_value": MetadataValue.json(summary["mean_value"]),  # the mean true value per σ
         "seconds": summary["seconds"],
+        "reused": summary["reused"],  # the stored truth was made by these inputs: kept, no rollouts
         "path": MetadataValue.path(summary["path"]),
     })
 

@@ -44,7 +44,7 @@ METADATA = {
                "shard_size", "shard_table", "reward", "tensor_shapes"},
     "noisy": {"dagster/row_count", "probe_rows", "eval_rows", "sigmas", "probe_path", "eval_path"},
     "search": {"pair", "best_error", "pairs_searched", "kernel", "path", "error_table", "heatmap"},
-    "truth": {"rollouts", "sigmas", "dagster/row_count", "mean_value", "seconds", "path"},
+    "truth": {"rollouts", "sigmas", "dagster/row_count", "mean_value", "seconds", "reused", "path"},
     "train": {"steps", "seconds", "samples_per_s", "first_loss", "final_loss", "pair", "path", "curve",
               "mlflow_run_id", "model_version", "mlflow_run_url", "model_version_url"},
     "align": {"method", "reward_before", "reward_after", "sec_per_update", "adapter", "reward_vs_time", "before_after",

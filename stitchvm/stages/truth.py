@@ -8,9 +8,9 @@ value model: a stage of its own, so that a retrained value model is evaluated wi
 Writes data/truth/values.safetensors ({"sigma_<σ>": (N,)}, in noisy/eval's order of the test latents) and
 data/truth/summary.json (rollouts, sigmas, the latents' sample ids, the mean value per σ, and `made_by`: the
 fingerprint of the models, seed, sampler and latents, which the readers check; written last: it marks the stage
-complete). The seconds go to the run record reports/runs/truth.json. With mc_rollouts 0 both are written empty. A re-run whose
-inputs made the stored truth (the same `made_by`: a Dagster re-materialisation) keeps it instead of rolling out again;
-DVC deletes the outputs before it runs a stage, so `dvc repro -f truth` always recomputes.
+complete). The seconds go to the run record reports/runs/truth.json. With mc_rollouts 0 both are written empty.
+A re-run whose inputs made the stored truth (the same `made_by`: a Dagster re-materialisation) keeps it instead of
+rolling out again; DVC deletes the outputs before it runs a stage, so `dvc repro -f truth` always recomputes.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
         prompt_of = dict(zip(index.column("sample_id").to_pylist(), index.column("prompt").to_pylist()))
         prompts = [prompt_of[i] for i in ids]
         made_by = truth_made_by(params, noisy, prompts)
-        values = stored_truth(storage, made_by)  # made by these inputs already (a re-materialisation): kept
+        values = stored_truth(storage, made_by, cfg.mc_sigmas)  # made by these inputs (a re-materialisation)
         reused = values is not None
         if not reused:
             backbone, reward = models(params)
@@ -69,13 +69,15 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
             "path": storage.path(TRUTH)}
 
 
-def stored_truth(storage, made_by: str) -> dict[float, torch.Tensor] | None:
-    """The stored values when the stored truth was made by `made_by`, else None (none stored, other inputs, damaged)."""
+def stored_truth(storage, made_by: str, sigmas) -> dict[float, torch.Tensor] | None:
+    """The stored values at `sigmas` when the stored truth was made by `made_by`, else None (none stored, made by
+    other inputs, or damaged)."""
     summary = storage.read_bytes_or_none(f"{TRUTH}/summary.json")
     values = storage.read_bytes_or_none(f"{TRUTH}/values.safetensors")
     try:
         if summary is None or values is None or json.loads(summary).get("made_by") != made_by:
             return None
-        return {float(k.removeprefix("sigma_")): v for k, v in load_safetensors(values).items()}
-    except (ValueError, SafetensorError):
+        values = load_safetensors(values)
+        return {s: values[truth_key(s)] for s in sigmas}
+    except (ValueError, KeyError, SafetensorError):
         return None
