@@ -14,18 +14,18 @@ rolling out again; DVC deletes the outputs before it runs a stage, so `dvc repro
 """
 from __future__ import annotations
 
-import json
 import time
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors, save as save_safetensors
+from safetensors.torch import save as save_safetensors
 
 from stitchvm.config import Params
 from stitchvm.data.storage import read_index
 from stitchvm.stages.run_record import write_record
 from stitchvm.stages.runtime import Paths, models, needs
-from stitchvm.stages.upstream import SAMPLES, TRUTH, num_shards, read_noisy_eval, truth_key, truth_made_by
+from stitchvm.stages.upstream import (SAMPLES, TRUTH, num_shards, read_noisy_eval, read_truth, truth_key,
+                                      truth_made_by)
 from stitchvm.value.monte_carlo import monte_carlo_value
 
 
@@ -51,7 +51,7 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
         prompt_of = dict(zip(index.column("sample_id").to_pylist(), index.column("prompt").to_pylist()))
         prompts = [prompt_of[i] for i in ids]
         made_by = truth_made_by(params, noisy, prompts)
-        values = stored_truth(storage, made_by, cfg.mc_sigmas)  # made by these inputs (a re-materialisation)
+        values = stored_truth(storage, params, noisy, prompts, ids)  # made by these inputs: a re-materialisation
         reused = values is not None
         if not reused:
             backbone, reward = models(params)
@@ -69,15 +69,11 @@ def run(params: Params, paths: Paths, progress: bool = True) -> dict:
             "path": storage.path(TRUTH)}
 
 
-def stored_truth(storage, made_by: str, sigmas) -> dict[float, torch.Tensor] | None:
-    """The stored values at `sigmas` when the stored truth was made by `made_by`, else None (none stored, made by
-    other inputs, or damaged)."""
-    summary = storage.read_bytes_or_none(f"{TRUTH}/summary.json")
-    values = storage.read_bytes_or_none(f"{TRUTH}/values.safetensors")
+def stored_truth(storage, params: Params, noisy: dict[float, torch.Tensor], prompts: list[str],
+                 ids: list[int]) -> dict[float, torch.Tensor] | None:
+    """The stored truth when `read_truth` accepts it for these inputs, else None (none stored, made by other inputs,
+    or damaged)."""
     try:
-        if summary is None or values is None or json.loads(summary).get("made_by") != made_by:
-            return None
-        values = load_safetensors(values)
-        return {s: values[truth_key(s)] for s in sigmas}
-    except (ValueError, KeyError, SafetensorError):
+        return read_truth(storage, params, noisy, prompts, ids)
+    except (FileNotFoundError, ValueError, KeyError, SafetensorError):
         return None
